@@ -1,0 +1,354 @@
+/*
+ * api - the HTTP intake role.
+ *
+ * Offers api_main(), run by role_run() in each api process. Every api
+ * process listens on the same PORT with SO_REUSEPORT and serves, on its own
+ * libevent loop:
+ *   GET /healthz  200 while the process lives (no dependency is consulted);
+ *   GET /readyz   200 only when PostgreSQL answers a query, Redis answers
+ *                 PING and a worker answers an NNG ping, else 503 naming
+ *                 the missing part.
+ * Nothing here blocks the loop: PostgreSQL through pgev, Redis through
+ * redisev, workers through nngev. On SIGTERM the listener is closed first,
+ * requests in flight are finished (bounded by SHUTDOWN_TIMEOUT), then the
+ * process exits 0. Calls common/ only.
+ */
+#include <event2/buffer.h>
+#include <event2/http.h>
+#include <jansson.h>
+#include <nng/nng.h>
+#include <nng/protocol/reqrep0/req.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "envelope.h"
+#include "httputil.h"
+#include "log.h"
+#include "metrics.h"
+#include "net.h"
+#include "pgev.h"
+#include "redisev.h"
+#include "role.h"
+#include "xmalloc.h"
+
+struct api {
+    struct role_ctx *ctx;
+    struct evhttp *http;
+    struct evhttp_bound_socket *bound;
+    struct pgev_pool *pg;
+    struct redisev *redis;
+    nng_socket workers;
+    int inflight;
+    struct event *stop_timer;
+};
+
+/* ---- /readyz ---- */
+
+enum check_part { CHECK_PG, CHECK_REDIS, CHECK_WORKERS, CHECK__COUNT };
+static const char *const check_names[CHECK__COUNT] = {"postgres", "redis", "workers"};
+
+/* One readiness probe. It lives until the reply is sent and every
+ * dependency has answered (a Redis reply may come after the timeout). */
+struct ready_check {
+    struct api *api;
+    struct evhttp_request *req;
+    int64_t started_us;
+    int pending;
+    bool answered;
+    unsigned long pg_query;
+    const char *result[CHECK__COUNT]; /* NULL: still waiting; "ok" or a reason */
+    struct event *timeout;
+};
+
+static void api_request_done(struct api *api);
+
+static void
+ready_check_release(struct ready_check *rc)
+{
+    if (rc->answered && rc->pending == 0) {
+        event_free(rc->timeout);
+        free(rc);
+    }
+}
+
+static void
+ready_check_answer(struct ready_check *rc)
+{
+    struct api *api = rc->api;
+    bool ok = true;
+    json_t *checks = json_object();
+
+    if (rc->answered)
+        return;
+    for (int i = 0; i < CHECK__COUNT; i++) {
+        const char *r = rc->result[i] ? rc->result[i] : "no answer in time";
+        ok = ok && strcmp(r, "ok") == 0;
+        json_object_set_new(checks, check_names[i], json_string(r));
+    }
+    if (api->ctx->stopping) {
+        ok = false;
+        json_object_set_new(checks, "api", json_string("shutting down"));
+    }
+    json_t *root = json_pack("{s:s,s:o}", "status", ok ? "ready" : "unavailable", "checks", checks);
+    char *body = json_dumps(root, JSON_COMPACT);
+    http_reply_json(rc->req, ok ? 200 : 503, body);
+    free(body);
+    json_decref(root);
+    metric_inc(role_metrics(api->ctx), ok ? MC_HTTP_READYZ_200 : MC_HTTP_READYZ_503);
+    metric_observe_us(role_metrics(api->ctx), MH_HTTP_READYZ,
+                      (uint64_t)(http_now_us() - rc->started_us));
+    rc->answered = true;
+    if (rc->result[CHECK_PG] == NULL) {
+        pgev_forget(api->pg, rc->pg_query);
+        rc->pending--;
+    }
+    event_del(rc->timeout);
+    api_request_done(api);
+}
+
+static void
+ready_check_part(struct ready_check *rc, enum check_part part, const char *result)
+{
+    rc->result[part] = result;
+    rc->pending--;
+    if (rc->pending == 0)
+        ready_check_answer(rc);
+    ready_check_release(rc);
+}
+
+static void
+ready_on_pg(void *arg, PGresult *res, const char *err)
+{
+    struct ready_check *rc = arg;
+    const char *r = "ok";
+    if (!res)
+        r = err ? "unavailable" : "no result";
+    else if (PQresultStatus(res) != PGRES_TUPLES_OK)
+        r = "query failed";
+    ready_check_part(rc, CHECK_PG, r);
+}
+
+static void
+ready_on_redis(void *arg, redisReply *reply)
+{
+    struct ready_check *rc = arg;
+    const char *r = "ok";
+    if (!reply)
+        r = "connection lost";
+    else if (reply->type == REDIS_REPLY_ERROR)
+        r = "error reply";
+    if (rc->answered) {
+        rc->pending--;
+        ready_check_release(rc);
+        return;
+    }
+    ready_check_part(rc, CHECK_REDIS, r);
+}
+
+static void
+ready_on_worker(void *arg, int err, nng_msg *reply)
+{
+    struct ready_check *rc = arg;
+    const char *r = "ok";
+    if (err) {
+        r = err == NNG_ETIMEDOUT ? "no worker answered" : "worker request failed";
+    } else {
+        struct envelope env;
+        enum envelope_error e = envelope_decode(&env, nng_msg_body(reply), nng_msg_len(reply));
+        if (e != ENV_OK || strcmp(env.type, MSG_PONG) != 0)
+            r = "bad answer from worker";
+        envelope_free(&env);
+        nng_msg_free(reply);
+    }
+    if (rc->answered) {
+        rc->pending--;
+        ready_check_release(rc);
+        return;
+    }
+    ready_check_part(rc, CHECK_WORKERS, r);
+}
+
+static void
+ready_on_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    ready_check_answer(arg);
+    ready_check_release(arg);
+}
+
+static void
+api_readyz(struct api *api, struct evhttp_request *req)
+{
+    struct ready_check *rc = xcalloc(1, sizeof(*rc));
+    const struct config *cfg = &api->ctx->cfg;
+    struct envelope_writer w;
+    size_t n;
+
+    rc->api = api;
+    rc->req = req;
+    rc->started_us = http_now_us();
+    rc->pending = CHECK__COUNT;
+    rc->timeout = evtimer_new(api->ctx->base, ready_on_timeout, rc);
+    api->inflight++;
+    struct timeval tv = {(time_t)(cfg->ready_check_timeout_ms / 1000),
+                         (suseconds_t)((cfg->ready_check_timeout_ms % 1000) * 1000 + 100000)};
+    evtimer_add(rc->timeout, &tv);
+
+    /* Each dependency reports through ready_check_part(); the last one answers. */
+    envelope_begin(&w, MSG_PING, NULL, shm_now_ms() + cfg->ready_check_timeout_ms, 0);
+    void *bytes = envelope_finish(&w, &n);
+    nngev_request(api->ctx->nngev, api->workers, nngev_msg(bytes, n),
+                  (int)cfg->ready_check_timeout_ms, ready_on_worker, rc);
+    free(bytes);
+
+    const char *ping[1] = {"PING"};
+    if (redisev_command(api->redis, ready_on_redis, rc, 1, ping) < 0)
+        ready_check_part(rc, CHECK_REDIS, "not connected");
+
+    if (rc->answered || rc->pending == 0)
+        return;
+    if (pgev_pool_connected(api->pg) == 0)
+        ready_check_part(rc, CHECK_PG, "not connected");
+    else
+        rc->pg_query = pgev_query(api->pg, "SELECT 1", 0, NULL, ready_on_pg, rc);
+}
+
+/* ---- routing ---- */
+
+static void
+api_request_done(struct api *api)
+{
+    api->inflight--;
+    if (api->ctx->stopping && api->inflight == 0) {
+        log_info("in-flight requests finished");
+        event_base_loopexit(api->ctx->base, NULL);
+    }
+}
+
+static void
+api_route(struct evhttp_request *req, void *arg)
+{
+    struct api *api = arg;
+    const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(req));
+    enum evhttp_cmd_type method = evhttp_request_get_command(req);
+    int64_t t0 = http_now_us();
+
+    if (!path)
+        path = "/";
+    if (strcmp(path, "/healthz") == 0 && (method == EVHTTP_REQ_GET || method == EVHTTP_REQ_HEAD)) {
+        http_reply_json(req, 200, "{\"status\":\"ok\"}");
+        metric_inc(role_metrics(api->ctx), MC_HTTP_HEALTHZ_200);
+        metric_observe_us(role_metrics(api->ctx), MH_HTTP_HEALTHZ, (uint64_t)(http_now_us() - t0));
+        return;
+    }
+    if (strcmp(path, "/readyz") == 0 && (method == EVHTTP_REQ_GET || method == EVHTTP_REQ_HEAD)) {
+        api_readyz(api, req);
+        return;
+    }
+    char msg[300];
+    snprintf(msg, sizeof(msg),
+             "Unrecognized request URL (%.200s). This endpoint is not served "
+             "by this version of paymentd.",
+             path);
+    metric_inc(role_metrics(api->ctx), MC_HTTP_NOT_FOUND);
+    http_reply_error(req, 404, "invalid_request_error", NULL, msg, NULL);
+}
+
+/* ---- lifecycle ---- */
+
+static void
+api_on_stop_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    struct api *api = arg;
+    (void)fd;
+    (void)what;
+    log_warn("shutdown timeout: %d requests still in flight are cut off", api->inflight);
+    event_base_loopexit(api->ctx->base, NULL);
+}
+
+static void
+api_on_stop(struct role_ctx *ctx)
+{
+    struct api *api = ctx->role_data;
+    if (api->bound) {
+        evhttp_del_accept_socket(api->http, api->bound);
+        api->bound = NULL;
+    }
+    log_info("listener closed; %d requests in flight", api->inflight);
+    if (api->inflight == 0) {
+        event_base_loopexit(ctx->base, NULL);
+        return;
+    }
+    struct timeval tv = {(time_t)(ctx->cfg.shutdown_timeout_ms / 1000),
+                         (suseconds_t)((ctx->cfg.shutdown_timeout_ms % 1000) * 1000)};
+    api->stop_timer = evtimer_new(ctx->base, api_on_stop_timeout, api);
+    evtimer_add(api->stop_timer, &tv);
+}
+
+static int
+api_dial_workers(struct api *api)
+{
+    const struct config *cfg = &api->ctx->cfg;
+    char url[256];
+    int rv;
+    if ((rv = nng_req0_open(&api->workers)) != 0) {
+        log_error("cannot open the worker socket: %s", nng_strerror(rv));
+        return -1;
+    }
+    for (int i = 0; i < cfg->workers; i++) {
+        role_url(cfg, ROLE_WORKER, i, url, sizeof(url));
+        /* Non-blocking dial: NNG keeps re-dialing a worker that is down. */
+        if ((rv = nng_dial(api->workers, url, NULL, NNG_FLAG_NONBLOCK)) != 0) {
+            log_error("cannot dial %s: %s", url, nng_strerror(rv));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int
+api_main(struct role_ctx *ctx)
+{
+    struct api api = {.ctx = ctx};
+    const struct config *cfg = &ctx->cfg;
+    char err[256];
+    int fd;
+
+    ctx->role_data = &api;
+    ctx->on_stop = api_on_stop;
+    fd = net_listen(cfg->bind_address, cfg->port, true, err, sizeof(err));
+    if (fd < 0) {
+        log_error("cannot listen: %s", err);
+        return EXIT_ROLE_FAILURE;
+    }
+    if (api_dial_workers(&api) < 0)
+        return EXIT_ROLE_FAILURE;
+    api.pg = pgev_pool_new(ctx->base, cfg, cfg->db_pool_size);
+    api.redis = redisev_new(ctx->base, cfg);
+    api.http = evhttp_new(ctx->base);
+    evhttp_set_gencb(api.http, api_route, &api);
+    evhttp_set_max_headers_size(api.http, 16384);
+    evhttp_set_max_body_size(api.http, 1024 * 1024);
+    evhttp_set_timeout(api.http, 30);
+    evhttp_set_allowed_methods(api.http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD |
+                                             EVHTTP_REQ_DELETE);
+    api.bound = evhttp_accept_socket_with_handle(api.http, fd);
+    if (!api.bound) {
+        log_error("cannot accept on port %d", cfg->port);
+        return EXIT_ROLE_FAILURE;
+    }
+    log_info("listening on %s:%d", cfg->bind_address, cfg->port);
+    role_ready(ctx);
+    event_base_dispatch(ctx->base);
+
+    if (api.stop_timer)
+        event_free(api.stop_timer);
+    evhttp_free(api.http);
+    nng_close(api.workers);
+    redisev_free(api.redis);
+    pgev_pool_free(api.pg);
+    return 0;
+}

@@ -1,0 +1,382 @@
+/*
+ * config - the service's configuration, read from environment variables and
+ * from a KEY=VALUE file (the format systemd's EnvironmentFile= reads).
+ *
+ * Offers config_load(), config_set(), config_export(), config_free() and the
+ * scalar parsers config_parse_int()/config_parse_duration(). Every key is
+ * described once in config_keys[]: its name, type, default and bounds. A bad
+ * value or an unknown key in the file fails the whole load with one line that
+ * names the variable (never its value when the key is a secret); the caller
+ * decides whether that ends start-up (exit 2) or refuses a reload. The
+ * environment cannot be checked for unknown keys, since it also holds PATH
+ * and friends. Calls xmalloc and libc only.
+ */
+#include "config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "xmalloc.h"
+
+enum config_type { T_INT, T_DURATION, T_STRING, T_HOST, T_NAME, T_PATH, T_LEVEL };
+
+struct config_desc {
+    const char *name;
+    enum config_type type;
+    const char *def; /* NULL: optional, unset */
+    long min, max;   /* T_INT bounds; T_DURATION bounds in ms; T_STRING length */
+    int64_t unit_ms; /* T_DURATION: unit of a bare number */
+    size_t offset;   /* into struct config */
+    bool restart;    /* change needs a full restart */
+    bool secret;
+};
+
+#define OFF(field) offsetof(struct config, field)
+
+static const struct config_desc config_keys[CFG__COUNT] = {
+    [CFG_PORT] = {"PORT", T_INT, "3005", 1, 65535, 0, OFF(port), false, false},
+    [CFG_BIND_ADDRESS] = {"BIND_ADDRESS", T_HOST, "0.0.0.0", 1, 255, 0, OFF(bind_address), false,
+                          false},
+    [CFG_METRICS_PORT] = {"METRICS_PORT", T_INT, "9105", 1, 65535, 0, OFF(metrics_port), false,
+                          false},
+    [CFG_METRICS_BIND_ADDRESS] = {"METRICS_BIND_ADDRESS", T_HOST, "0.0.0.0", 1, 255, 0,
+                                  OFF(metrics_bind_address), false, false},
+    [CFG_API_PROCESSES] = {"API_PROCESSES", T_INT, "2", 1, 32, 0, OFF(api_processes), true, false},
+    [CFG_WORKERS] = {"WORKERS", T_INT, "2", 1, 32, 0, OFF(workers), true, false},
+    [CFG_RESTART_INTENSITY] = {"RESTART_INTENSITY", T_INT, "5", 1, 1000, 0, OFF(restart_intensity),
+                               false, false},
+    [CFG_RESTART_PERIOD] = {"RESTART_PERIOD", T_DURATION, "60", 1000, 86400000, 1000,
+                            OFF(restart_period_ms), false, false},
+    [CFG_ROLE_HANG_TIMEOUT] = {"ROLE_HANG_TIMEOUT", T_DURATION, "10", 2000, 3600000, 1000,
+                               OFF(role_hang_timeout_ms), false, false},
+    [CFG_SHUTDOWN_TIMEOUT] = {"SHUTDOWN_TIMEOUT", T_DURATION, "30", 100, 3600000, 1000,
+                              OFF(shutdown_timeout_ms), false, false},
+    [CFG_RUN_DIR] = {"RUN_DIR", T_PATH, "/run/paymentd", 1, 80, 0, OFF(run_dir), true, false},
+    [CFG_INSTANCE] = {"INSTANCE", T_NAME, "paymentd", 1, 32, 0, OFF(instance), true, false},
+    [CFG_LOG_LEVEL] = {"LOG_LEVEL", T_LEVEL, "info", 0, 0, 0, OFF(log_level), false, false},
+    [CFG_DATABASE_URL] = {"DATABASE_URL", T_STRING, NULL, 1, 1024, 0, OFF(database_url), false,
+                          true},
+    [CFG_POSTGRES_HOST] = {"POSTGRES_HOST", T_STRING, "127.0.0.1", 1, 255, 0, OFF(postgres_host),
+                           false, false},
+    [CFG_POSTGRES_PORT] = {"POSTGRES_PORT", T_INT, "5432", 1, 65535, 0, OFF(postgres_port), false,
+                           false},
+    [CFG_POSTGRES_USERNAME] = {"POSTGRES_USERNAME", T_STRING, "paymentd", 1, 63, 0,
+                               OFF(postgres_username), false, false},
+    [CFG_POSTGRES_PASSWORD] = {"POSTGRES_PASSWORD", T_STRING, NULL, 0, 1024, 0,
+                               OFF(postgres_password), false, true},
+    [CFG_POSTGRES_DATABASE] = {"POSTGRES_DATABASE", T_STRING, "paymentd", 1, 63, 0,
+                               OFF(postgres_database), false, false},
+    [CFG_DB_POOL_SIZE] = {"DB_POOL_SIZE", T_INT, "4", 1, 64, 0, OFF(db_pool_size), false, false},
+    [CFG_REDIS_HOST] = {"REDIS_HOST", T_HOST, "127.0.0.1", 1, 255, 0, OFF(redis_host), false,
+                        false},
+    [CFG_REDIS_PORT] = {"REDIS_PORT", T_INT, "6379", 1, 65535, 0, OFF(redis_port), false, false},
+    [CFG_REDIS_PASSWORD] = {"REDIS_PASSWORD", T_STRING, NULL, 0, 1024, 0, OFF(redis_password),
+                            false, true},
+    [CFG_JWT_SECRET] = {"JWT_SECRET", T_STRING, NULL, 32, 4096, 0, OFF(jwt_secret), false, true},
+    [CFG_READY_CHECK_TIMEOUT_MS] = {"READY_CHECK_TIMEOUT_MS", T_DURATION, "1000", 10, 60000, 1,
+                                    OFF(ready_check_timeout_ms), false, false},
+};
+
+const char *
+config_key_name(enum config_key key)
+{
+    return config_keys[key].name;
+}
+
+bool
+config_key_needs_restart(enum config_key key)
+{
+    return config_keys[key].restart;
+}
+
+bool
+config_key_is_secret(enum config_key key)
+{
+    return config_keys[key].secret;
+}
+
+int
+config_parse_int(const char *s, long min, long max, long *out)
+{
+    char *end;
+    long v;
+    if (!s || !*s || isspace((unsigned char)*s))
+        return -1;
+    errno = 0;
+    v = strtol(s, &end, 10);
+    if (errno || *end || v < min || v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+int
+config_parse_duration(const char *s, int64_t default_unit_ms, int64_t *out_ms)
+{
+    int64_t v = 0, unit = default_unit_ms;
+    const char *p = s;
+    if (!s || !isdigit((unsigned char)*p))
+        return -1;
+    for (; isdigit((unsigned char)*p); p++) {
+        if (v > (INT64_MAX - 9) / 10)
+            return -1;
+        v = v * 10 + (*p - '0');
+    }
+    if (*p == '\0')
+        unit = default_unit_ms;
+    else if (strcmp(p, "ms") == 0)
+        unit = 1;
+    else if (strcmp(p, "s") == 0)
+        unit = 1000;
+    else if (strcmp(p, "m") == 0 || strcmp(p, "min") == 0)
+        unit = 60000;
+    else if (strcmp(p, "h") == 0)
+        unit = 3600000;
+    else
+        return -1;
+    if (v > INT64_MAX / unit)
+        return -1;
+    *out_ms = v * unit;
+    return 0;
+}
+
+static bool
+config_valid_host(const char *s)
+{
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (!isalnum(c) && c != '.' && c != '-' && c != ':' && c != '_')
+            return false;
+    }
+    return true;
+}
+
+static bool
+config_valid_name(const char *s)
+{
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (!islower(c) && !isdigit(c) && c != '-' && c != '_')
+            return false;
+    }
+    return true;
+}
+
+/* Validates one raw value and stores the typed result in cfg. */
+static int
+config_apply(struct config *cfg, enum config_key key, char *err, size_t errlen)
+{
+    const struct config_desc *d = &config_keys[key];
+    const char *raw = cfg->raw[key];
+    char *field = (char *)cfg + d->offset;
+    long iv;
+    int64_t ms;
+    size_t len;
+
+    if (!raw) {
+        if (d->type == T_STRING || d->type == T_HOST || d->type == T_PATH || d->type == T_NAME)
+            *(const char **)field = NULL;
+        return 0;
+    }
+    len = strlen(raw);
+    switch (d->type) {
+    case T_INT:
+        if (config_parse_int(raw, d->min, d->max, &iv) < 0) {
+            snprintf(err, errlen, "%s must be an integer from %ld to %ld", d->name, d->min, d->max);
+            return -1;
+        }
+        *(int *)field = (int)iv;
+        return 0;
+    case T_DURATION:
+        if (config_parse_duration(raw, d->unit_ms, &ms) < 0 || ms < d->min || ms > d->max) {
+            snprintf(err, errlen,
+                     "%s must be a duration from %ld ms to %ld ms (a number in %s, or with a "
+                     "unit: ms, s, m, h)",
+                     d->name, d->min, d->max, d->unit_ms == 1 ? "milliseconds" : "seconds");
+            return -1;
+        }
+        *(int64_t *)field = ms;
+        return 0;
+    case T_LEVEL:
+        if (log_parse_level(raw, (enum log_level *)field) < 0) {
+            snprintf(err, errlen, "%s must be one of debug, info, warn, error", d->name);
+            return -1;
+        }
+        return 0;
+    case T_HOST:
+        if (len < (size_t)d->min || len > (size_t)d->max || !config_valid_host(raw)) {
+            snprintf(err, errlen, "%s must be a host name or IP address", d->name);
+            return -1;
+        }
+        break;
+    case T_NAME:
+        if (len < (size_t)d->min || len > (size_t)d->max || !config_valid_name(raw)) {
+            snprintf(err, errlen, "%s must be 1 to %ld characters of a-z, 0-9, '-' and '_'",
+                     d->name, d->max);
+            return -1;
+        }
+        break;
+    case T_PATH:
+        if (len < (size_t)d->min || len > (size_t)d->max || strchr(raw, '\n')) {
+            snprintf(err, errlen, "%s must be a path of at most %ld characters", d->name, d->max);
+            return -1;
+        }
+        break;
+    case T_STRING:
+        if (len < (size_t)d->min || len > (size_t)d->max) {
+            snprintf(err, errlen, "%s must be %ld to %ld characters long", d->name, d->min, d->max);
+            return -1;
+        }
+        break;
+    }
+    *(const char **)field = raw;
+    return 0;
+}
+
+static int
+config_validate(struct config *cfg, char *err, size_t errlen)
+{
+    for (int k = 0; k < CFG__COUNT; k++) {
+        if (config_apply(cfg, (enum config_key)k, err, errlen) < 0)
+            return -1;
+    }
+    if (cfg->port == cfg->metrics_port) {
+        snprintf(err, errlen, "METRICS_PORT must differ from PORT");
+        return -1;
+    }
+    return 0;
+}
+
+static int
+config_find(const char *name, size_t len)
+{
+    for (int k = 0; k < CFG__COUNT; k++) {
+        if (strlen(config_keys[k].name) == len && memcmp(config_keys[k].name, name, len) == 0)
+            return k;
+    }
+    return -1;
+}
+
+static void
+config_set_raw(struct config *cfg, int key, const char *value)
+{
+    free(cfg->raw[key]);
+    cfg->raw[key] = value ? xstrdup(value) : NULL;
+}
+
+/* Removes one level of matching quotes, as systemd's EnvironmentFile= does. */
+static char *
+config_unquote(char *v)
+{
+    size_t len = strlen(v);
+    if (len >= 2 && (v[0] == '"' || v[0] == '\'') && v[len - 1] == v[0]) {
+        v[len - 1] = '\0';
+        return v + 1;
+    }
+    return v;
+}
+
+int
+config_parse_file(struct config *cfg, const char *path, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    char line[4096];
+    int lineno = 0, rc = -1;
+
+    if (!f) {
+        snprintf(err, errlen, "config file %s: %s", path, strerror(errno));
+        return -1;
+    }
+    while (fgets(line, sizeof(line), f)) {
+        char *p = line, *eq, *end;
+        lineno++;
+        if (!strchr(line, '\n') && !feof(f)) {
+            snprintf(err, errlen, "config file %s line %d: line too long", path, lineno);
+            goto out;
+        }
+        line[strcspn(line, "\r\n")] = '\0';
+        while (isspace((unsigned char)*p))
+            p++;
+        if (*p == '\0' || *p == '#' || *p == ';')
+            continue;
+        eq = strchr(p, '=');
+        if (!eq) {
+            snprintf(err, errlen, "config file %s line %d: expected KEY=VALUE", path, lineno);
+            goto out;
+        }
+        end = eq;
+        while (end > p && isspace((unsigned char)end[-1]))
+            end--;
+        int key = config_find(p, (size_t)(end - p));
+        if (key < 0) {
+            snprintf(err, errlen, "config file %s line %d: unknown variable %.*s", path, lineno,
+                     (int)(end - p) > 64 ? 64 : (int)(end - p), p);
+            goto out;
+        }
+        char *v = eq + 1;
+        while (isspace((unsigned char)*v))
+            v++;
+        char *vend = v + strlen(v);
+        while (vend > v && isspace((unsigned char)vend[-1]))
+            *--vend = '\0';
+        config_set_raw(cfg, key, config_unquote(v));
+    }
+    rc = 0;
+out:
+    fclose(f);
+    return rc;
+}
+
+int
+config_load(struct config *cfg, const char *path, char *err, size_t errlen)
+{
+    memset(cfg, 0, sizeof(*cfg));
+    for (int k = 0; k < CFG__COUNT; k++) {
+        const char *env = getenv(config_keys[k].name);
+        config_set_raw(cfg, k, env ? env : config_keys[k].def);
+    }
+    if (path && config_parse_file(cfg, path, err, errlen) < 0)
+        goto fail;
+    if (config_validate(cfg, err, errlen) < 0)
+        goto fail;
+    return 0;
+fail:
+    config_free(cfg);
+    return -1;
+}
+
+int
+config_set(struct config *cfg, const char *key, const char *value, char *err, size_t errlen)
+{
+    int k = config_find(key, strlen(key));
+    if (k < 0) {
+        snprintf(err, errlen, "unknown variable %s", key);
+        return -1;
+    }
+    config_set_raw(cfg, k, value);
+    return config_validate(cfg, err, errlen);
+}
+
+void
+config_export(const struct config *cfg)
+{
+    for (int k = 0; k < CFG__COUNT; k++) {
+        if (cfg->raw[k])
+            setenv(config_keys[k].name, cfg->raw[k], 1);
+        else
+            unsetenv(config_keys[k].name);
+    }
+}
+
+void
+config_free(struct config *cfg)
+{
+    for (int k = 0; k < CFG__COUNT; k++) {
+        free(cfg->raw[k]);
+        cfg->raw[k] = NULL;
+    }
+}

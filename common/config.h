@@ -1,0 +1,97 @@
+/* config: typed configuration from the environment and a KEY=VALUE file; see config.c. */
+#ifndef PAYMENTD_CONFIG_H
+#define PAYMENTD_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "log.h"
+
+enum config_key {
+    CFG_PORT,
+    CFG_BIND_ADDRESS,
+    CFG_METRICS_PORT,
+    CFG_METRICS_BIND_ADDRESS,
+    CFG_API_PROCESSES,
+    CFG_WORKERS,
+    CFG_RESTART_INTENSITY,
+    CFG_RESTART_PERIOD,
+    CFG_ROLE_HANG_TIMEOUT,
+    CFG_SHUTDOWN_TIMEOUT,
+    CFG_RUN_DIR,
+    CFG_INSTANCE,
+    CFG_LOG_LEVEL,
+    CFG_DATABASE_URL,
+    CFG_POSTGRES_HOST,
+    CFG_POSTGRES_PORT,
+    CFG_POSTGRES_USERNAME,
+    CFG_POSTGRES_PASSWORD,
+    CFG_POSTGRES_DATABASE,
+    CFG_DB_POOL_SIZE,
+    CFG_REDIS_HOST,
+    CFG_REDIS_PORT,
+    CFG_REDIS_PASSWORD,
+    CFG_JWT_SECRET,
+    CFG_READY_CHECK_TIMEOUT_MS,
+    CFG__COUNT
+};
+
+struct config {
+    /* Raw text of every key as given or defaulted; NULL when unset and optional. */
+    char *raw[CFG__COUNT];
+    int port;
+    const char *bind_address;
+    int metrics_port;
+    const char *metrics_bind_address;
+    int api_processes;
+    int workers;
+    int restart_intensity;
+    int64_t restart_period_ms;
+    int64_t role_hang_timeout_ms;
+    int64_t shutdown_timeout_ms;
+    const char *run_dir;
+    const char *instance;
+    enum log_level log_level;
+    const char *database_url;
+    const char *postgres_host;
+    int postgres_port;
+    const char *postgres_username;
+    const char *postgres_password;
+    const char *postgres_database;
+    int db_pool_size;
+    const char *redis_host;
+    int redis_port;
+    const char *redis_password;
+    const char *jwt_secret;
+    int64_t ready_check_timeout_ms;
+};
+
+/* Loads the configuration: defaults, then the environment, then the file at
+ * path (when not NULL), which wins because it is what SIGHUP re-reads. On
+ * error returns -1 and writes one line naming the variable into err. */
+int config_load(struct config *cfg, const char *path, char *err, size_t errlen);
+void config_free(struct config *cfg);
+
+/* Parses one KEY=VALUE file into cfg's raw values; exposed for tests. */
+int config_parse_file(struct config *cfg, const char *path, char *err, size_t errlen);
+
+/* Sets one raw value and re-validates the whole configuration. */
+int config_set(struct config *cfg, const char *key, const char *value, char *err, size_t errlen);
+
+/* Exports every set key into the process environment (for a child's exec). */
+void config_export(const struct config *cfg);
+
+const char *config_key_name(enum config_key key);
+/* True when a change of this key needs a full restart of the service. */
+bool config_key_needs_restart(enum config_key key);
+/* True when the value must never be printed. */
+bool config_key_is_secret(enum config_key key);
+
+/* Parses a duration: digits with an optional unit (ms, s, m, h); a bare
+ * number is in default_unit_ms. Returns -1 on bad syntax or overflow. */
+int config_parse_duration(const char *s, int64_t default_unit_ms, int64_t *out_ms);
+/* Parses a decimal integer in [min, max]. */
+int config_parse_int(const char *s, long min, long max, long *out);
+
+#endif

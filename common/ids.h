@@ -1,0 +1,10 @@
+/* ids: identifiers with a prefix and a random tail; see ids.c. */
+#ifndef PAYMENTD_IDS_H
+#define PAYMENTD_IDS_H
+
+#include <stddef.h>
+
+/* Writes prefix followed by 2*nbytes lowercase hex digits of OS randomness. */
+void ids_random(char *out, size_t cap, const char *prefix, size_t nbytes);
+
+#endif

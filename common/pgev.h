@@ -1,0 +1,34 @@
+/* pgev: a small pool of non-blocking libpq connections on a libevent loop; see pgev.c. */
+#ifndef PAYMENTD_PGEV_H
+#define PAYMENTD_PGEV_H
+
+#include <event2/event.h>
+#include <libpq-fe.h>
+#include <stdbool.h>
+
+#include "config.h"
+
+struct pgev_pool;
+
+/* Called on the loop once per query: res is the last result (cleared by the
+ * pool after the call) or NULL with err set when the query could not run. */
+typedef void (*pgev_cb)(void *arg, PGresult *res, const char *err);
+
+struct pgev_pool *pgev_pool_new(struct event_base *base, const struct config *cfg, int size);
+void pgev_pool_free(struct pgev_pool *pool);
+
+/* Queues a parameterised query (text parameters); the callback always runs,
+ * later, on the loop. Returns an id usable with pgev_forget(). */
+unsigned long pgev_query(struct pgev_pool *pool, const char *sql, int nparams,
+                         const char *const *params, pgev_cb cb, void *arg);
+/* The caller no longer wants the answer of query id: its callback is not called. */
+void pgev_forget(struct pgev_pool *pool, unsigned long id);
+
+/* Number of connections currently established. */
+int pgev_pool_connected(const struct pgev_pool *pool);
+
+/* Fills libpq connection keywords from the configuration (DATABASE_URL or
+ * POSTGRES_*); exposed for the tools that connect synchronously. */
+void pgev_conninfo(const struct config *cfg, const char **keys, const char **vals, int cap);
+
+#endif

@@ -1,0 +1,101 @@
+/* shm: the per-instance shared-memory segment; see shm.c. */
+#ifndef PAYMENTD_SHM_H
+#define PAYMENTD_SHM_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define SHM_MAGIC          0x50415944u /* "PAYD" */
+#define SHM_LAYOUT_VERSION 1u
+#define SHM_MAX_SLOTS      72 /* supervisor + 32 api + 32 workers + outbox + exporter + spare */
+
+enum role_kind { ROLE_SUPERVISOR, ROLE_API, ROLE_WORKER, ROLE_OUTBOX, ROLE_EXPORTER, ROLE__COUNT };
+
+/* Slot states, written by the supervisor. */
+enum slot_state {
+    SLOT_EMPTY,
+    SLOT_STARTING, /* forked, not yet reported ready */
+    SLOT_RUNNING,  /* reported ready */
+    SLOT_STOPPING, /* asked to stop */
+    SLOT_STOPPED,  /* stopped by an operator or by drain */
+    SLOT_BACKOFF,  /* died, waiting for its restart */
+    SLOT_FAILED,   /* crashed too often, or exited with code 2; left down */
+    SLOT__COUNT
+};
+
+#define SHM_EXIT_NONE INT32_MIN
+
+/* ---- metrics catalog: fixed at compile time, one copy per slot ---- */
+
+enum metric_counter {
+    MC_HTTP_HEALTHZ_200,
+    MC_HTTP_READYZ_200,
+    MC_HTTP_READYZ_503,
+    MC_HTTP_METRICS_200,
+    MC_HTTP_NOT_FOUND,
+    MC_NNG_PINGS_ANSWERED,
+    MC_ENVELOPES_REJECTED,
+    MC__COUNT
+};
+
+enum metric_histogram { MH_HTTP_HEALTHZ, MH_HTTP_READYZ, MH_HTTP_METRICS, MH__COUNT };
+
+#define METRIC_BUCKETS 14
+
+struct shm_histogram {
+    _Atomic uint64_t buckets[METRIC_BUCKETS + 1]; /* last one is +Inf; not cumulative */
+    _Atomic uint64_t sum_us;
+    _Atomic uint64_t count;
+};
+
+struct shm_metrics {
+    _Atomic uint64_t counters[MC__COUNT];
+    struct shm_histogram hist[MH__COUNT];
+};
+
+struct shm_slot {
+    _Atomic uint32_t role;  /* enum role_kind */
+    _Atomic uint32_t index; /* index within the role */
+    _Atomic uint32_t state; /* enum slot_state, supervisor-owned */
+    _Atomic int32_t pid;
+    _Atomic uint32_t restarts;
+    _Atomic int32_t last_exit; /* >= 0 exit code, < 0 minus the signal, SHM_EXIT_NONE */
+    _Atomic int64_t started_ms;
+    _Atomic int64_t heartbeat_ms; /* written by the role */
+    _Atomic uint32_t ready;       /* written by the role: 1 once serving */
+    _Atomic uint32_t in_use;      /* slot claimed */
+    struct shm_metrics metrics;
+};
+
+struct shm_segment {
+    uint32_t magic;
+    uint32_t layout_version;
+    uint32_t slot_count;
+    uint32_t reserved;
+    _Atomic int32_t supervisor_pid;
+    _Atomic uint32_t draining;
+    _Atomic int64_t created_ms;
+    struct shm_slot slots[SHM_MAX_SLOTS];
+};
+
+/* Creates a fresh segment for instance (refusing when a live supervisor owns it). */
+struct shm_segment *shm_create(const char *instance, char *err, size_t errlen);
+/* Maps an existing segment; create_if_missing for a role started alone. */
+struct shm_segment *shm_attach(const char *instance, bool create_if_missing, char *err,
+                               size_t errlen);
+void shm_detach(struct shm_segment *seg);
+void shm_remove(const char *instance);
+
+/* Finds the slot of (role, index), claiming a free one when absent. -1 when full. */
+int shm_slot_claim(struct shm_segment *seg, enum role_kind role, int index);
+
+const char *shm_role_name(enum role_kind role);
+int shm_role_parse(const char *name, enum role_kind *out);
+const char *shm_state_name(enum slot_state state);
+
+int64_t shm_now_ms(void);  /* CLOCK_REALTIME */
+int64_t shm_mono_ms(void); /* CLOCK_MONOTONIC */
+
+#endif

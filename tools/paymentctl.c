@@ -1,0 +1,268 @@
+/*
+ * paymentctl - the operator's command-line tool.
+ *
+ * Offers main(): status, restart ROLE[/INDEX], stop ROLE[/INDEX],
+ * start ROLE[/INDEX] and drain go to the supervisor's control socket
+ * (REQ/REP, ipc://RUN_DIR/control.ipc); ping ROLE/INDEX asks a worker or
+ * the outbox directly. RUN_DIR comes from --run-dir, else the environment,
+ * else --config FILE, else ./var/run when it exists (what ./scripts/run
+ * uses), else /run/paymentd. A supervisor that is not running or does not
+ * answer within 5 s is reported with exit code 1; a bad command line
+ * exits 2. Calls envelope, config, NNG (blocking calls: this is a CLI).
+ */
+#include <getopt.h>
+#include <nng/nng.h>
+#include <nng/protocol/reqrep0/req.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "envelope.h"
+#include "xmalloc.h"
+
+static void
+usage(FILE *out)
+{
+    fprintf(out, "usage: paymentctl [--run-dir DIR] [--config FILE] COMMAND\n"
+                 "commands:\n"
+                 "  status                  the role table\n"
+                 "  restart ROLE[/INDEX]    restart a role (api, worker, outbox, exporter)\n"
+                 "  stop ROLE[/INDEX]       stop a role and keep it down\n"
+                 "  start ROLE[/INDEX]      start a stopped or failed role\n"
+                 "  drain                   stop intake: api processes finish and stay down\n"
+                 "  ping ROLE/INDEX         ping a worker or the outbox over NNG\n");
+}
+
+static const char *
+ctl_run_dir(const char *opt_dir, const char *config_path)
+{
+    static char buf[512];
+    if (opt_dir)
+        return opt_dir;
+    if (getenv("RUN_DIR"))
+        return getenv("RUN_DIR");
+    if (config_path) {
+        struct config cfg;
+        char err[256];
+        if (config_load(&cfg, config_path, err, sizeof(err)) < 0) {
+            fprintf(stderr, "paymentctl: %s\n", err);
+            exit(2);
+        }
+        snprintf(buf, sizeof(buf), "%s", cfg.run_dir);
+        config_free(&cfg);
+        return buf;
+    }
+    if (access("var/run", F_OK) == 0) {
+        if (realpath("var/run", buf))
+            return buf;
+    }
+    return "/run/paymentd";
+}
+
+/* Sends one envelope and waits for the answer; returns the decoded reply. */
+static int
+ctl_call(const char *url, void *bytes, size_t len, struct envelope *reply, nng_msg **raw)
+{
+    nng_socket sock;
+    int rv;
+    if ((rv = nng_req0_open(&sock)) != 0) {
+        fprintf(stderr, "paymentctl: %s\n", nng_strerror(rv));
+        return -1;
+    }
+    nng_socket_set_ms(sock, NNG_OPT_RECVTIMEO, 5000);
+    nng_socket_set_ms(sock, NNG_OPT_SENDTIMEO, 5000);
+    if ((rv = nng_dial(sock, url, NULL, 0)) != 0) {
+        fprintf(stderr, "paymentctl: cannot reach %s: %s (is paymentd running?)\n", url,
+                nng_strerror(rv));
+        nng_close(sock);
+        return -1;
+    }
+    if ((rv = nng_send(sock, bytes, len, 0)) != 0 || (rv = nng_recvmsg(sock, raw, 0)) != 0) {
+        fprintf(stderr, "paymentctl: no answer from %s: %s\n", url, nng_strerror(rv));
+        nng_close(sock);
+        return -1;
+    }
+    nng_close(sock);
+    enum envelope_error e = envelope_decode(reply, nng_msg_body(*raw), nng_msg_len(*raw));
+    if (e != ENV_OK) {
+        fprintf(stderr, "paymentctl: bad answer: %s\n", envelope_strerror(e));
+        envelope_free(reply);
+        nng_msg_free(*raw);
+        return -1;
+    }
+    return 0;
+}
+
+static void
+ctl_print_exit(const msgpack_object *v, char *buf, size_t cap)
+{
+    if (!v || v->type == MSGPACK_OBJECT_NIL)
+        snprintf(buf, cap, "-");
+    else if (v->type == MSGPACK_OBJECT_NEGATIVE_INTEGER)
+        snprintf(buf, cap, "signal %lld", (long long)-v->via.i64);
+    else if (v->type == MSGPACK_OBJECT_POSITIVE_INTEGER)
+        snprintf(buf, cap, "code %llu", (unsigned long long)v->via.u64);
+    else
+        snprintf(buf, cap, "?");
+}
+
+static void
+ctl_print_uptime(int64_t s, char *buf, size_t cap)
+{
+    if (s < 120)
+        snprintf(buf, cap, "%llds", (long long)s);
+    else if (s < 7200)
+        snprintf(buf, cap, "%lldm%llds", (long long)(s / 60), (long long)(s % 60));
+    else
+        snprintf(buf, cap, "%lldh%lldm", (long long)(s / 3600), (long long)(s % 3600 / 60));
+}
+
+static void
+ctl_print_table(const msgpack_object *body)
+{
+    const msgpack_object *roles = envelope_get(body, "roles");
+    int64_t pid = 0, up = 0;
+    char upbuf[32];
+    envelope_get_int(body, "supervisor_pid", &pid);
+    envelope_get_int(body, "uptime_s", &up);
+    ctl_print_uptime(up, upbuf, sizeof(upbuf));
+    printf("supervisor pid %lld, up %s\n", (long long)pid, upbuf);
+    printf("%-10s %-6s %-8s %-9s %-9s %-8s %s\n", "ROLE", "INDEX", "PID", "STATE", "RESTARTS",
+           "UPTIME", "LAST EXIT");
+    if (!roles || roles->type != MSGPACK_OBJECT_ARRAY)
+        return;
+    for (uint32_t i = 0; i < roles->via.array.size; i++) {
+        const msgpack_object *r = &roles->via.array.ptr[i];
+        char role[32] = "?", state[32] = "?", last[32], pidbuf[16];
+        int64_t index = 0, rpid = 0, restarts = 0, uptime = 0;
+        envelope_get_str(r, "role", role, sizeof(role));
+        envelope_get_str(r, "state", state, sizeof(state));
+        envelope_get_int(r, "index", &index);
+        envelope_get_int(r, "pid", &rpid);
+        envelope_get_int(r, "restarts", &restarts);
+        envelope_get_int(r, "uptime_s", &uptime);
+        ctl_print_exit(envelope_get(r, "last_exit"), last, sizeof(last));
+        ctl_print_uptime(uptime, upbuf, sizeof(upbuf));
+        snprintf(pidbuf, sizeof(pidbuf), "%lld", (long long)rpid);
+        printf("%-10s %-6lld %-8s %-9s %-9lld %-8s %s\n", role, (long long)index,
+               rpid > 0 ? pidbuf : "-", state, (long long)restarts, rpid > 0 ? upbuf : "-", last);
+    }
+}
+
+static int
+ctl_control(const char *run_dir, const char *cmd, const char *target)
+{
+    char url[600];
+    struct envelope_writer w;
+    struct envelope reply;
+    nng_msg *raw;
+    size_t len;
+    bool ok = false;
+    char message[256] = "";
+
+    snprintf(url, sizeof(url), "ipc://%s/control.ipc", run_dir);
+    envelope_begin(&w, MSG_CTL, NULL, 0, target ? 2 : 1);
+    envelope_put_str(&w, "cmd", cmd);
+    if (target)
+        envelope_put_str(&w, "target", target);
+    void *bytes = envelope_finish(&w, &len);
+    int rc = ctl_call(url, bytes, len, &reply, &raw);
+    free(bytes);
+    if (rc < 0)
+        return 1;
+    envelope_get_bool(reply.body, "ok", &ok);
+    envelope_get_str(reply.body, "message", message, sizeof(message));
+    if (strcmp(cmd, "status") == 0 && ok)
+        ctl_print_table(reply.body);
+    else
+        printf("%s\n", message);
+    envelope_free(&reply);
+    nng_msg_free(raw);
+    return ok ? 0 : 1;
+}
+
+static int
+ctl_ping(const char *run_dir, const char *target)
+{
+    char url[600], role[32];
+    const char *slash = strchr(target, '/');
+    struct envelope_writer w;
+    struct envelope reply;
+    nng_msg *raw;
+    size_t len;
+    int64_t pid = 0;
+
+    if (!slash || slash == target || (size_t)(slash - target) >= sizeof(role)) {
+        fprintf(stderr, "paymentctl: ping needs ROLE/INDEX, e.g. worker/0\n");
+        return 2;
+    }
+    memcpy(role, target, (size_t)(slash - target));
+    role[slash - target] = '\0';
+    snprintf(url, sizeof(url), "ipc://%s/%s.%s.ipc", run_dir, role, slash + 1);
+    envelope_begin(&w, MSG_PING, NULL, 0, 0);
+    void *bytes = envelope_finish(&w, &len);
+    int rc = ctl_call(url, bytes, len, &reply, &raw);
+    free(bytes);
+    if (rc < 0)
+        return 1;
+    envelope_get_int(reply.body, "pid", &pid);
+    printf("pong from %s (pid %lld)\n", target, (long long)pid);
+    envelope_free(&reply);
+    nng_msg_free(raw);
+    return 0;
+}
+
+int
+main(int argc, char **argv)
+{
+    static const struct option opts[] = {{"run-dir", required_argument, NULL, 'd'},
+                                         {"config", required_argument, NULL, 'c'},
+                                         {"help", no_argument, NULL, 'h'},
+                                         {NULL, 0, NULL, 0}};
+    const char *opt_dir = NULL, *config_path = NULL;
+    int opt;
+    while ((opt = getopt_long(argc, argv, "+d:c:h", opts, NULL)) != -1) {
+        switch (opt) {
+        case 'd':
+            opt_dir = optarg;
+            break;
+        case 'c':
+            config_path = optarg;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (optind >= argc) {
+        usage(stderr);
+        return 2;
+    }
+    const char *cmd = argv[optind];
+    const char *arg = optind + 1 < argc ? argv[optind + 1] : NULL;
+    const char *run_dir = ctl_run_dir(opt_dir, config_path);
+    if (strcmp(cmd, "status") == 0 || strcmp(cmd, "drain") == 0) {
+        if (arg) {
+            usage(stderr);
+            return 2;
+        }
+        return ctl_control(run_dir, cmd, NULL);
+    }
+    if (strcmp(cmd, "restart") == 0 || strcmp(cmd, "stop") == 0 || strcmp(cmd, "start") == 0) {
+        if (!arg || optind + 2 < argc) {
+            fprintf(stderr, "paymentctl: %s needs ROLE or ROLE/INDEX\n", cmd);
+            return 2;
+        }
+        return ctl_control(run_dir, cmd, arg);
+    }
+    if (strcmp(cmd, "ping") == 0 && arg)
+        return ctl_ping(run_dir, arg);
+    fprintf(stderr, "paymentctl: unknown command '%s'\n", cmd);
+    usage(stderr);
+    return 2;
+}
