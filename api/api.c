@@ -62,7 +62,7 @@ struct ready_check {
     struct event *timeout;
 };
 
-static void api_request_done(struct api *api);
+static void api_request_begin(struct api *api, struct evhttp_request *req);
 
 static void
 ready_check_release(struct ready_check *rc)
@@ -105,7 +105,6 @@ ready_check_answer(struct ready_check *rc)
         rc->pending--;
     }
     event_del(rc->timeout);
-    api_request_done(api);
 }
 
 static void
@@ -192,7 +191,7 @@ api_readyz(struct api *api, struct evhttp_request *req)
     rc->started_us = http_now_us();
     rc->pending = CHECK__COUNT;
     rc->timeout = evtimer_new(api->ctx->base, ready_on_timeout, rc);
-    api->inflight++;
+    api_request_begin(api, req);
     struct timeval tv = {(time_t)(cfg->ready_check_timeout_ms / 1000),
                          (suseconds_t)((cfg->ready_check_timeout_ms % 1000) * 1000 + 100000)};
     evtimer_add(rc->timeout, &tv);
@@ -218,14 +217,27 @@ api_readyz(struct api *api, struct evhttp_request *req)
 
 /* ---- routing ---- */
 
+/* Called by libevent once a deferred response has been written out, so
+ * that a stopping api exits only after its last answer left the socket. */
 static void
-api_request_done(struct api *api)
+api_request_complete(struct evhttp_request *req, void *arg)
 {
+    struct api *api = arg;
+    (void)req;
     api->inflight--;
     if (api->ctx->stopping && api->inflight == 0) {
         log_info("in-flight requests finished");
         event_base_loopexit(api->ctx->base, NULL);
     }
+}
+
+/* Counts a request whose answer comes later (after a database, Redis or
+ * worker round trip). */
+static void
+api_request_begin(struct api *api, struct evhttp_request *req)
+{
+    api->inflight++;
+    evhttp_request_set_on_complete_cb(req, api_request_complete, api);
 }
 
 static void
