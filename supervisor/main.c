@@ -5,6 +5,7 @@
  * Offers main(). A bad command line exits 2. Calls supervisor, role.
  */
 #include <getopt.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,21 +22,26 @@ static void
 usage(FILE *out)
 {
     fprintf(out, "usage: paymentd [--config FILE] [--role api|worker|outbox|exporter --index N]\n"
+                 "       paymentd --check [--config FILE]   validate the configuration\n"
                  "       paymentd --version\n");
 }
 
 int
 main(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"config", required_argument, NULL, 'c'}, {"role", required_argument, NULL, 'r'},
-        {"index", required_argument, NULL, 'i'},  {"version", no_argument, NULL, 'V'},
-        {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0}};
+    static const struct option opts[] = {{"config", required_argument, NULL, 'c'},
+                                         {"role", required_argument, NULL, 'r'},
+                                         {"index", required_argument, NULL, 'i'},
+                                         {"version", no_argument, NULL, 'V'},
+                                         {"check", no_argument, NULL, 't'},
+                                         {"help", no_argument, NULL, 'h'},
+                                         {NULL, 0, NULL, 0}};
     const char *config_path = NULL, *role_name = NULL;
     long index = 0;
     int opt;
+    bool check = false;
 
-    while ((opt = getopt_long(argc, argv, "c:r:i:Vh", opts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "c:r:i:Vht", opts, NULL)) != -1) {
         switch (opt) {
         case 'c':
             config_path = optarg;
@@ -48,6 +54,9 @@ main(int argc, char **argv)
                 fprintf(stderr, "paymentd: --index must be an integer from 0 to 31\n");
                 return 2;
             }
+            break;
+        case 't':
+            check = true;
             break;
         case 'V':
             printf("paymentd %s\n", PAYMENTD_VERSION);
@@ -63,6 +72,17 @@ main(int argc, char **argv)
     if (optind != argc) {
         usage(stderr);
         return 2;
+    }
+    if (check) {
+        struct config cfg;
+        char err[512];
+        if (config_load(&cfg, config_path, err, sizeof(err)) < 0) {
+            fprintf(stderr, "paymentd: configuration: %s\n", err);
+            return 2;
+        }
+        config_free(&cfg);
+        printf("configuration ok\n");
+        return 0;
     }
     if (role_name) {
         enum role_kind role;
