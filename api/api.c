@@ -7,7 +7,8 @@
  *   GET /healthz  200 while the process lives (no dependency is consulted);
  *   GET /readyz   200 only when PostgreSQL answers a query, Redis answers
  *                 PING and a worker answers an NNG ping, else 503 naming
- *                 the missing part.
+ *                 the missing part;
+ *   /v1/...       the Stripe-compatible API (v1.c and the modules it calls).
  * Nothing here blocks the loop: PostgreSQL through pgev, Redis through
  * redisev, workers through nngev. On SIGTERM the listener is closed first,
  * requests in flight are finished (bounded by SHUTDOWN_TIMEOUT), then the
@@ -33,16 +34,7 @@
 #include "role.h"
 #include "xmalloc.h"
 
-struct api {
-    struct role_ctx *ctx;
-    struct evhttp *http;
-    struct evhttp_bound_socket *bound;
-    struct pgev_pool *pg;
-    struct redisev *redis;
-    nng_socket workers;
-    int inflight;
-    struct event *stop_timer;
-};
+#include "api.h"
 
 /* ---- /readyz ---- */
 
@@ -61,8 +53,6 @@ struct ready_check {
     const char *result[CHECK__COUNT]; /* NULL: still waiting; "ok" or a reason */
     struct event *timeout;
 };
-
-static void api_request_begin(struct api *api, struct evhttp_request *req);
 
 static void
 ready_check_release(struct ready_check *rc)
@@ -233,7 +223,7 @@ api_request_complete(struct evhttp_request *req, void *arg)
 
 /* Counts a request whose answer comes later (after a database, Redis or
  * worker round trip). */
-static void
+void
 api_request_begin(struct api *api, struct evhttp_request *req)
 {
     api->inflight++;
@@ -260,6 +250,10 @@ api_route(struct evhttp_request *req, void *arg)
         api_readyz(api, req);
         return;
     }
+    if (strncmp(path, "/v1/", 4) == 0) {
+        v1_dispatch(api, req);
+        return;
+    }
     char msg[300];
     snprintf(msg, sizeof(msg),
              "Unrecognized request URL (%.200s). This endpoint is not served "
@@ -267,6 +261,18 @@ api_route(struct evhttp_request *req, void *arg)
              path);
     metric_inc(role_metrics(api->ctx), MC_HTTP_NOT_FOUND);
     http_reply_error(req, 404, "invalid_request_error", NULL, msg, NULL);
+}
+
+/* Sends the answer of a /v1 request and drops the flow's reference to it. */
+void
+api_send(struct api_req *r, int status, const char *body)
+{
+    if (r->responded)
+        return;
+    r->responded = true;
+    http_reply_json(r->req, status, body);
+    log_debug("%s %d %lld us", r->route, status, (long long)(http_now_us() - r->started_us));
+    v1_release(r);
 }
 
 /* ---- lifecycle ---- */
@@ -340,6 +346,8 @@ api_main(struct role_ctx *ctx)
         return EXIT_ROLE_FAILURE;
     api.pg = pgev_pool_new(ctx->base, cfg, cfg->db_pool_size);
     api.redis = redisev_new(ctx->base, cfg);
+    api.auth = auth_cache_new();
+    api.confirm_wait_ms = cfg->confirm_wait_ms;
     api.http = evhttp_new(ctx->base);
     evhttp_set_gencb(api.http, api_route, &api);
     evhttp_set_max_headers_size(api.http, 16384);
@@ -362,5 +370,6 @@ api_main(struct role_ctx *ctx)
     nng_close(api.workers);
     redisev_free(api.redis);
     pgev_pool_free(api.pg);
+    auth_cache_free(api.auth);
     return 0;
 }

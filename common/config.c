@@ -22,7 +22,7 @@
 
 #include "xmalloc.h"
 
-enum config_type { T_INT, T_DURATION, T_STRING, T_HOST, T_NAME, T_PATH, T_LEVEL };
+enum config_type { T_INT, T_DURATION, T_STRING, T_HOST, T_NAME, T_PATH, T_LEVEL, T_URL };
 
 struct config_desc {
     const char *name;
@@ -79,6 +79,16 @@ static const struct config_desc config_keys[CFG__COUNT] = {
     [CFG_JWT_SECRET] = {"JWT_SECRET", T_STRING, NULL, 32, 4096, 0, OFF(jwt_secret), false, true},
     [CFG_READY_CHECK_TIMEOUT_MS] = {"READY_CHECK_TIMEOUT_MS", T_DURATION, "1000", 10, 60000, 1,
                                     OFF(ready_check_timeout_ms), false, false},
+    [CFG_CONFIRM_WAIT_MS] = {"CONFIRM_WAIT_MS", T_DURATION, "10000", 0, 600000, 1,
+                             OFF(confirm_wait_ms), false, false},
+    [CFG_JOB_TIMEOUT_MS] = {"JOB_TIMEOUT_MS", T_DURATION, "600000", 1000, 86400000, 1,
+                            OFF(job_timeout_ms), false, false},
+    [CFG_GATEWAY_URL] = {"GATEWAY_URL", T_URL, "http://127.0.0.1:12111", 8, 512, 0,
+                         OFF(gateway_url), false, false},
+    [CFG_GATEWAY_TIMEOUT_MS] = {"GATEWAY_TIMEOUT_MS", T_DURATION, "30000", 100, 600000, 1,
+                                OFF(gateway_timeout_ms), false, false},
+    [CFG_WORKER_CONCURRENCY] = {"WORKER_CONCURRENCY", T_INT, "1024", 1, 100000, 0,
+                                OFF(worker_concurrency), false, false},
 };
 
 const char *
@@ -178,7 +188,8 @@ config_apply(struct config *cfg, enum config_key key, char *err, size_t errlen)
     size_t len;
 
     if (!raw) {
-        if (d->type == T_STRING || d->type == T_HOST || d->type == T_PATH || d->type == T_NAME)
+        if (d->type == T_STRING || d->type == T_HOST || d->type == T_PATH || d->type == T_NAME ||
+            d->type == T_URL)
             *(const char **)field = NULL;
         return 0;
     }
@@ -223,6 +234,14 @@ config_apply(struct config *cfg, enum config_key key, char *err, size_t errlen)
     case T_PATH:
         if (len < (size_t)d->min || len > (size_t)d->max || strchr(raw, '\n')) {
             snprintf(err, errlen, "%s must be a path of at most %ld characters", d->name, d->max);
+            return -1;
+        }
+        break;
+    case T_URL:
+        if (len < (size_t)d->min || len > (size_t)d->max ||
+            (strncmp(raw, "http://", 7) != 0 && strncmp(raw, "https://", 8) != 0) ||
+            strpbrk(raw, " \t\r\n")) {
+            snprintf(err, errlen, "%s must be an http:// or https:// URL", d->name);
             return -1;
         }
         break;

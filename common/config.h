@@ -34,6 +34,11 @@ enum config_key {
     CFG_REDIS_PASSWORD,
     CFG_JWT_SECRET,
     CFG_READY_CHECK_TIMEOUT_MS,
+    CFG_CONFIRM_WAIT_MS,
+    CFG_JOB_TIMEOUT_MS,
+    CFG_GATEWAY_URL,
+    CFG_GATEWAY_TIMEOUT_MS,
+    CFG_WORKER_CONCURRENCY,
     CFG__COUNT
 };
 
@@ -65,6 +70,11 @@ struct config {
     const char *redis_password;
     const char *jwt_secret;
     int64_t ready_check_timeout_ms;
+    int64_t confirm_wait_ms;
+    int64_t job_timeout_ms;
+    const char *gateway_url;
+    int64_t gateway_timeout_ms;
+    int worker_concurrency;
 };
 
 /* Loads the configuration: defaults, then the environment, then the file at

@@ -85,6 +85,8 @@ int envelope_get_bool(const msgpack_object *map, const char *key, bool *out);
 #define MSG_PONG      "pong"
 #define MSG_CTL       "ctl.request"
 #define MSG_CTL_REPLY "ctl.reply"
+#define MSG_JOB       "job.request" /* api -> worker: a gateway job */
+#define MSG_JOB_REPLY "job.reply"   /* worker -> api: the intent after the job */
 
 bool envelope_type_known(const char *type);
 

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <time.h>
 
 void
 ids_random(char *out, size_t cap, const char *prefix, size_t nbytes)
@@ -36,4 +37,16 @@ ids_random(char *out, size_t cap, const char *prefix, size_t nbytes)
         out[plen + 2 * i + 1] = hex[raw[i] & 15];
     }
     out[plen + 2 * nbytes] = '\0';
+}
+
+void
+ids_time_ordered(char *out, size_t cap, const char *prefix, size_t nbytes)
+{
+    struct timespec ts;
+    char tail[160];
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t ms = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+    ids_random(tail, sizeof(tail), "", nbytes);
+    if ((size_t)snprintf(out, cap, "%s%012llx%s", prefix, (unsigned long long)ms, tail) >= cap)
+        abort();
 }

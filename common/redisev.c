@@ -157,6 +157,8 @@ redisev_command(struct redisev *r, redisev_cb cb, void *arg, int argc, const cha
 {
     if (!r->connected || !r->ac)
         return -1;
+    if (!cb) /* fire and forget */
+        return redisAsyncCommandArgv(r->ac, NULL, NULL, argc, argv, NULL) == REDIS_OK ? 0 : -1;
     struct redisev_call *call = xmalloc(sizeof(*call));
     call->cb = cb;
     call->arg = arg;

@@ -17,8 +17,8 @@ struct redisev *redisev_new(struct event_base *base, const struct config *cfg);
 void redisev_free(struct redisev *r);
 bool redisev_connected(const struct redisev *r);
 
-/* Sends a command given as argv. Returns -1 (callback not called) when not
- * connected, so that the caller takes its Redis-less path at once. */
+/* Sends a command given as argv (cb may be NULL: nobody waits for the reply). Returns -1 (callback
+ * not called) when not connected, so that the caller takes its Redis-less path at once. */
 int redisev_command(struct redisev *r, redisev_cb cb, void *arg, int argc, const char **argv);
 
 #endif

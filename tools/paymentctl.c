@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "ctl_db.h"
 #include "envelope.h"
 #include "xmalloc.h"
 
@@ -32,7 +33,10 @@ usage(FILE *out)
                  "  stop ROLE[/INDEX]       stop a role and keep it down\n"
                  "  start ROLE[/INDEX]      start a stopped or failed role\n"
                  "  drain                   stop intake: api processes finish and stay down\n"
-                 "  ping ROLE/INDEX         ping a worker or the outbox over NNG\n");
+                 "  ping ROLE/INDEX         ping a worker or the outbox over NNG\n"
+                 "  migrate                 apply the database migrations that are missing\n"
+                 "  create-account NAME     create an account and print its id\n"
+                 "  create-key ACCOUNT      create a secret API key and print it (once)\n");
 }
 
 static const char *
@@ -262,6 +266,28 @@ main(int argc, char **argv)
     }
     if (strcmp(cmd, "ping") == 0 && arg)
         return ctl_ping(run_dir, arg);
+    if (strcmp(cmd, "migrate") == 0 || strcmp(cmd, "create-account") == 0 ||
+        strcmp(cmd, "create-key") == 0) {
+        struct config cfg;
+        char err[512];
+        int rc;
+        if ((strcmp(cmd, "migrate") == 0) != (arg == NULL) || optind + 2 < argc) {
+            usage(stderr);
+            return 2;
+        }
+        if (config_load(&cfg, config_path, err, sizeof(err)) < 0) {
+            fprintf(stderr, "paymentctl: configuration: %s\n", err);
+            return 2;
+        }
+        if (strcmp(cmd, "migrate") == 0)
+            rc = ctl_migrate(&cfg);
+        else if (strcmp(cmd, "create-account") == 0)
+            rc = ctl_create_account(&cfg, arg);
+        else
+            rc = ctl_create_key(&cfg, arg);
+        config_free(&cfg);
+        return rc;
+    }
     fprintf(stderr, "paymentctl: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;

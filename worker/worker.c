@@ -3,24 +3,441 @@
  *
  * Offers worker_main(), run by role_run() in each worker process. A worker
  * listens for jobs from the api processes on its own REP socket
- * (ipc://RUN_DIR/worker.N.ipc) and serves them on its libevent loop through
- * nngev, several at once. This version answers the ping job that /readyz
- * sends; gateway jobs arrive with the payments core. SIGTERM stops the loop
- * after the current turn. Calls common/ only.
+ * (ipc://RUN_DIR/worker.N.ipc), WORKER_CONCURRENCY at once, and runs each
+ * on its libevent loop: a gateway call through libcurl's multi interface,
+ * then one SQL statement that records the outcome (intent status with an
+ * optimistic version check, a payment_transactions row and the outbox
+ * event, in one transaction), then the reply with the intent object.
+ *
+ * The payment id is the gateway idempotency key, so a job that NNG re-sends
+ * after a worker died, or that is retried here after a timeout, can never
+ * charge twice. Only failures that are certainly not processed or
+ * ambiguous are retried (exponential back-off with full jitter, same key);
+ * a decline is final. When retries run out the payment stays `processing`
+ * for the recovery sweep. Calls common/, gateway.
  */
+#include <jansson.h>
 #include <nng/nng.h>
+#include <nng/protocol/reqrep0/rep.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
 
+#include "envelope.h"
+#include "gateway.h"
+#include "ids.h"
 #include "log.h"
+#include "metrics.h"
+#include "pgev.h"
 #include "role.h"
+#include "xmalloc.h"
+
+#define JOB_MAX_ATTEMPTS    4
+#define JOB_BACKOFF_BASE_MS 100
+#define JOB_BACKOFF_CAP_MS  2000
+
+struct worker {
+    struct role_ctx *ctx;
+    struct pgev_pool *pg;
+    struct curlev *curl;
+    struct gateway *gw;
+    nng_socket sock;
+    int jobs;
+};
+
+struct job {
+    struct worker *w;
+    struct nngev_job *nj;
+    char op[16];
+    char request_id[ENVELOPE_ID_MAX];
+    int64_t intent_id, version, account_id, amount, amount_to_capture;
+    char public_id[64], currency[8], payment_method[256], capture_method[16], reason[40];
+    char charge_id[64];
+    char idem_key[128];
+    int attempt;
+    struct event *retry;
+};
+
+/* ---- replies ---- */
+
+static void
+job_reply(struct job *j, const char *object, const char *error)
+{
+    struct envelope_writer w;
+    size_t n;
+    envelope_begin(&w, MSG_JOB_REPLY, j->request_id, 0, 1);
+    if (object)
+        envelope_put_str(&w, "object", object);
+    else
+        envelope_put_str(&w, "error", error ? error : "failed");
+    void *bytes = envelope_finish(&w, &n);
+    nngev_respond(j->nj, nngev_msg(bytes, n));
+    free(bytes);
+    if (j->retry)
+        event_free(j->retry);
+    j->w->jobs--;
+    free(j);
+}
+
+static void
+job_on_current(void *arg, PGresult *res, const char *err)
+{
+    struct job *j = arg;
+    if (res && PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1)
+        job_reply(j, PQgetvalue(res, 0, 0), NULL);
+    else
+        job_reply(j, NULL, err ? err : "payment not found");
+}
+
+/* Replies with the intent as it is now (after another worker won the race,
+ * or when the outcome is not known yet). */
+static void
+job_reply_current(struct job *j)
+{
+    char id[24];
+    snprintf(id, sizeof(id), "%lld", (long long)j->intent_id);
+    const char *params[1] = {id};
+    pgev_query(j->w->pg,
+               "SELECT payment_intent_object(p)::text FROM payment_intents p WHERE id = $1", 1,
+               params, job_on_current, j);
+}
+
+/* ---- recording the outcome ---- */
+
+static void
+job_on_recorded(void *arg, PGresult *res, const char *err)
+{
+    struct job *j = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        log_error("payment %s: outcome not recorded: %s", j->public_id,
+                  err ? err : PQresultErrorMessage(res));
+        job_reply(j, NULL, "the outcome could not be recorded");
+        return;
+    }
+    if (PQntuples(res) == 0) {
+        /* The version moved: another attempt recorded it first. */
+        job_reply_current(j);
+        return;
+    }
+    job_reply(j, PQgetvalue(res, 0, 0), NULL);
+}
+
+struct outcome {
+    const char *status;
+    const char *amount_received;
+    const char *amount_capturable;
+    const char *last_payment_error;
+    const char *next_action;
+    const char *tx_type;
+    const char *tx_status;
+    const char *tx_amount;
+    const char *failure_code;
+    const char *failure_message;
+    const char *event;
+    const char *cancellation_reason;
+};
+
+static void
+job_record(struct job *j, const struct outcome *o, const char *charge_id)
+{
+    char id[24], version[24], txn[64];
+    snprintf(id, sizeof(id), "%lld", (long long)j->intent_id);
+    snprintf(version, sizeof(version), "%lld", (long long)j->version);
+    ids_time_ordered(txn, sizeof(txn), "txn_", 8);
+    const char *params[17] = {id,
+                              version,
+                              o->status,
+                              o->amount_received,
+                              o->amount_capturable,
+                              o->last_payment_error,
+                              o->next_action,
+                              charge_id && *charge_id ? charge_id : NULL,
+                              o->cancellation_reason,
+                              txn,
+                              o->tx_type,
+                              o->tx_status,
+                              o->tx_amount,
+                              o->failure_code,
+                              o->failure_message,
+                              o->event,
+                              j->w->gw->name};
+    pgev_query(j->w->pg,
+               "WITH upd AS (UPDATE payment_intents p SET status = $3,"
+               "  amount_received = coalesce($4::bigint, p.amount_received),"
+               "  amount_capturable = coalesce($5::bigint, p.amount_capturable),"
+               "  last_payment_error = $6::jsonb, next_action = $7::jsonb,"
+               "  gateway_intent_id = coalesce(p.gateway_intent_id, $8),"
+               "  latest_charge = coalesce($8, p.latest_charge),"
+               "  cancellation_reason = coalesce($9, p.cancellation_reason),"
+               "  canceled_at = CASE WHEN $3 = 'canceled' THEN now() ELSE p.canceled_at END,"
+               "  version = p.version + 1, updated_at = now()"
+               "  WHERE p.id = $1 AND p.version = $2 RETURNING p.*),"
+               " tx AS (INSERT INTO payment_transactions (transaction_id, payment_intent_id, type,"
+               "  status, amount, currency, gateway_provider, gateway_transaction_id, failure_code,"
+               "  failure_message, processed_at)"
+               "  SELECT $10, upd.id, $11, $12, $13::bigint, upd.currency, $17, $8, $14, $15, now()"
+               "  FROM upd RETURNING 1),"
+               " ev AS (SELECT outbox_event(upd.account_id, $16,"
+               "  payment_intent_object(ROW(upd.*)::payment_intents), upd.public_id) FROM upd)"
+               " SELECT payment_intent_object(ROW(upd.*)::payment_intents)::text,"
+               "  (SELECT count(*) FROM tx), (SELECT count(*) FROM ev) FROM upd",
+               17, params, job_on_recorded, j);
+}
+
+static char *
+job_decline_error(struct job *j, const struct gw_result *r)
+{
+    json_t *pm = json_pack("{s:s,s:s,s:s}", "id", j->payment_method, "object", "payment_method",
+                           "type", "card");
+    json_t *err = json_pack(
+        "{s:s,s:s,s:s,s:o}", "type", "card_error", "code", r->code[0] ? r->code : "card_declined",
+        "message", r->message[0] ? r->message : "Your card was declined.", "payment_method", pm);
+    if (r->decline_code[0])
+        json_object_set_new(err, "decline_code", json_string(r->decline_code));
+    char *text = json_dumps(err, JSON_COMPACT);
+    json_decref(err);
+    return text;
+}
+
+static void
+job_finish(struct job *j, const struct gw_result *r)
+{
+    struct outcome o = {0};
+    char amount[24], captured[24];
+    char *lpe = NULL;
+    snprintf(amount, sizeof(amount), "%lld", (long long)j->amount);
+    snprintf(captured, sizeof(captured), "%lld",
+             (long long)(j->amount_to_capture ? j->amount_to_capture : j->amount));
+
+    switch (r->outcome) {
+    case GW_SUCCEEDED:
+        o.status = "succeeded";
+        o.amount_capturable = "0";
+        o.tx_status = "succeeded";
+        o.event = "payment_intent.succeeded";
+        if (strcmp(j->op, "capture") == 0) {
+            o.amount_received = captured;
+            o.tx_type = "capture";
+            o.tx_amount = captured;
+        } else {
+            o.amount_received = amount;
+            o.tx_type = "charge";
+            o.tx_amount = amount;
+        }
+        break;
+    case GW_REQUIRES_CAPTURE:
+        o.status = "requires_capture";
+        o.amount_capturable = amount;
+        o.tx_type = "authorization";
+        o.tx_status = "succeeded";
+        o.tx_amount = amount;
+        o.event = "payment_intent.amount_capturable_updated";
+        break;
+    case GW_REQUIRES_ACTION:
+        o.status = "requires_action";
+        o.next_action = "{\"type\":\"use_stripe_sdk\",\"use_stripe_sdk\":{\"type\":"
+                        "\"three_d_secure_redirect\"}}";
+        o.tx_type = "authorization";
+        o.tx_status = "requires_action";
+        o.tx_amount = amount;
+        o.event = "payment_intent.requires_action";
+        break;
+    case GW_DECLINED:
+        lpe = job_decline_error(j, r);
+        o.status = "requires_payment_method";
+        o.last_payment_error = lpe;
+        o.tx_type = "charge";
+        o.tx_status = "failed";
+        o.tx_amount = amount;
+        o.failure_code = r->decline_code[0] ? r->decline_code : r->code;
+        o.failure_message = r->message;
+        o.event = "payment_intent.payment_failed";
+        break;
+    case GW_CANCELED:
+        o.status = "canceled";
+        o.amount_capturable = "0";
+        o.tx_type = "cancel";
+        o.tx_status = "succeeded";
+        o.tx_amount = "0";
+        o.event = "payment_intent.canceled";
+        o.cancellation_reason = j->reason[0] ? j->reason : NULL;
+        break;
+    default:
+        log_error("payment %s: %s %s (%s); left for recovery", j->public_id, j->op,
+                  gateway_outcome_name(r->outcome), r->message);
+        job_reply_current(j);
+        return;
+    }
+    log_info("payment %s: %s -> %s", j->public_id, j->op, o.status);
+    job_record(j, &o, r->charge_id);
+    free(lpe);
+}
+
+/* ---- gateway calls with retries ---- */
+
+static void job_call(struct job *j);
+
+static void
+job_on_retry(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    job_call(arg);
+}
+
+static void
+job_on_gateway(void *arg, const struct gw_result *r)
+{
+    struct job *j = arg;
+    bool retryable = r->outcome == GW_NOT_PROCESSED || r->outcome == GW_AMBIGUOUS;
+    if (retryable && ++j->attempt < JOB_MAX_ATTEMPTS) {
+        /* Full jitter: a random delay up to the exponential ceiling. */
+        uint32_t rnd = 0;
+        if (getrandom(&rnd, sizeof(rnd), 0) != sizeof(rnd))
+            rnd = 0;
+        long ceiling = JOB_BACKOFF_BASE_MS << j->attempt;
+        if (ceiling > JOB_BACKOFF_CAP_MS)
+            ceiling = JOB_BACKOFF_CAP_MS;
+        long delay = r->retry_after_ms > 0 ? r->retry_after_ms : (long)(rnd % (uint32_t)ceiling);
+        log_warn("payment %s: gateway %s (%s); retry %d in %ld ms with the same key", j->public_id,
+                 gateway_outcome_name(r->outcome), r->message, j->attempt, delay);
+        if (!j->retry)
+            j->retry = evtimer_new(j->w->ctx->base, job_on_retry, j);
+        struct timeval tv = {delay / 1000, (delay % 1000) * 1000};
+        evtimer_add(j->retry, &tv);
+        return;
+    }
+    job_finish(j, r);
+}
+
+static void
+job_call(struct job *j)
+{
+    struct gw_request req = {0};
+    req.idempotency_key = j->idem_key;
+    req.amount = j->amount;
+    req.currency = j->currency;
+    req.payment_method = j->payment_method;
+    req.charge_id = j->charge_id;
+    if (strcmp(j->op, "confirm") == 0) {
+        req.op = GW_CHARGE;
+        req.capture = strcmp(j->capture_method, "manual") != 0;
+    } else if (strcmp(j->op, "capture") == 0) {
+        req.op = GW_CAPTURE;
+        req.amount = j->amount_to_capture;
+    } else {
+        req.op = GW_CANCEL;
+    }
+    j->w->gw->call(j->w->gw, &req, job_on_gateway, j);
+}
+
+/* Capture and cancel act on the charge the confirm created. */
+static void
+job_on_charge_id(void *arg, PGresult *res, const char *err)
+{
+    struct job *j = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1 ||
+        PQgetisnull(res, 0, 0)) {
+        job_reply(j, NULL, err ? err : "no authorization to act on");
+        return;
+    }
+    snprintf(j->charge_id, sizeof(j->charge_id), "%s", PQgetvalue(res, 0, 0));
+    job_call(j);
+}
+
+/* ---- intake ---- */
+
+static int
+job_decode(struct job *j, const struct envelope *env)
+{
+    const msgpack_object *b = env->body;
+    if (envelope_get_str(b, "op", j->op, sizeof(j->op)) < 0 ||
+        envelope_get_int(b, "intent_id", &j->intent_id) < 0 ||
+        envelope_get_int(b, "version", &j->version) < 0 ||
+        envelope_get_str(b, "public_id", j->public_id, sizeof(j->public_id)) < 0 ||
+        envelope_get_int(b, "account_id", &j->account_id) < 0 ||
+        envelope_get_int(b, "amount", &j->amount) < 0 ||
+        envelope_get_str(b, "currency", j->currency, sizeof(j->currency)) < 0 ||
+        envelope_get_str(b, "payment_method", j->payment_method, sizeof(j->payment_method)) < 0 ||
+        envelope_get_str(b, "capture_method", j->capture_method, sizeof(j->capture_method)) < 0 ||
+        envelope_get_int(b, "amount_to_capture", &j->amount_to_capture) < 0 ||
+        envelope_get_str(b, "reason", j->reason, sizeof(j->reason)) < 0)
+        return -1;
+    if (strcmp(j->op, "confirm") != 0 && strcmp(j->op, "capture") != 0 &&
+        strcmp(j->op, "cancel") != 0)
+        return -1;
+    if (j->intent_id <= 0 || j->amount <= 0 || j->amount_to_capture < 0)
+        return -1;
+    return 0;
+}
+
+static void
+worker_on_message(void *arg, struct nngev_job *nj, nng_msg *msg)
+{
+    struct worker *w = arg;
+    struct envelope env;
+    enum envelope_error e = envelope_decode(&env, nng_msg_body(msg), nng_msg_len(msg));
+    if (e == ENV_OK && strcmp(env.type, MSG_PING) == 0) {
+        envelope_free(&env);
+        nng_msg *reply = role_answer_ping(w->ctx, nng_msg_body(msg), nng_msg_len(msg));
+        nng_msg_free(msg);
+        nngev_respond(nj, reply);
+        return;
+    }
+    struct job *j = xcalloc(1, sizeof(*j));
+    j->w = w;
+    j->nj = nj;
+    if (e != ENV_OK || strcmp(env.type, MSG_JOB) != 0 || job_decode(j, &env) < 0) {
+        log_warn("dropped job: %s%s%s", e != ENV_OK ? envelope_strerror(e) : "bad job body",
+                 env.field[0] ? ": " : "", env.field);
+        metric_inc(role_metrics(w->ctx), MC_ENVELOPES_REJECTED);
+        envelope_free(&env);
+        nng_msg_free(msg);
+        free(j);
+        nngev_respond(nj, NULL);
+        return;
+    }
+    snprintf(j->request_id, sizeof(j->request_id), "%s", env.request_id);
+    envelope_free(&env);
+    nng_msg_free(msg);
+    w->jobs++;
+    /* One idempotency key per gateway operation of this payment. */
+    if (strcmp(j->op, "confirm") == 0) {
+        snprintf(j->idem_key, sizeof(j->idem_key), "%s", j->public_id);
+        job_call(j);
+        return;
+    }
+    snprintf(j->idem_key, sizeof(j->idem_key), "%s:%s", j->public_id, j->op);
+    char id[24];
+    snprintf(id, sizeof(id), "%lld", (long long)j->intent_id);
+    const char *params[1] = {id};
+    pgev_query(w->pg, "SELECT gateway_intent_id FROM payment_intents WHERE id = $1", 1, params,
+               job_on_charge_id, j);
+}
 
 int
 worker_main(struct role_ctx *ctx)
 {
-    nng_socket jobs;
-    if (role_serve_pings(ctx, &jobs) < 0)
+    struct worker w = {.ctx = ctx};
+    const struct config *cfg = &ctx->cfg;
+    char url[256];
+    int rv;
+
+    role_url(cfg, ROLE_WORKER, ctx->index, url, sizeof(url));
+    if ((rv = nng_rep0_open(&w.sock)) != 0 || (rv = nng_listen(w.sock, url, NULL, 0)) != 0) {
+        log_error("cannot listen at %s: %s", url, nng_strerror(rv));
         return EXIT_ROLE_FAILURE;
+    }
+    w.pg = pgev_pool_new(ctx->base, cfg, cfg->db_pool_size);
+    w.curl = curlev_new(ctx->base);
+    w.gw = gateway_sim_new(w.curl, cfg->gateway_url, (long)cfg->gateway_timeout_ms);
+    nngev_serve(ctx->nngev, w.sock, cfg->worker_concurrency, worker_on_message, &w);
     role_ready(ctx);
     event_base_dispatch(ctx->base);
-    nng_close(jobs);
+    nng_close(w.sock);
+    w.gw->free(w.gw);
+    curlev_free(w.curl);
+    pgev_pool_free(w.pg);
     return 0;
 }

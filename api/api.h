@@ -1,0 +1,101 @@
+/* api: the api role's own declarations, shared by its modules (api/ only). */
+#ifndef PAYMENTD_API_API_H
+#define PAYMENTD_API_API_H
+
+#include <event2/http.h>
+#include <jansson.h>
+#include <nng/nng.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "params.h"
+#include "pgev.h"
+#include "redisev.h"
+#include "role.h"
+
+struct auth_cache;
+
+struct api {
+    struct role_ctx *ctx;
+    struct evhttp *http;
+    struct evhttp_bound_socket *bound;
+    struct pgev_pool *pg;
+    struct redisev *redis;
+    nng_socket workers;
+    int inflight;
+    struct event *stop_timer;
+    struct auth_cache *auth;
+    int64_t confirm_wait_ms;
+};
+
+struct api_req;
+typedef void (*api_handler)(struct api_req *r);
+
+/* One /v1 request from arrival to response. */
+struct api_req {
+    struct api *api;
+    struct evhttp_request *req;
+    enum evhttp_cmd_type method;
+    const char *route; /* route name for logs and metrics */
+    char id[80];       /* the :id path segment, when the route has one */
+    int64_t account_id;
+    json_t *params;
+    api_handler handler;
+    int64_t started_us;
+    /* idempotency */
+    char idem_key[256];
+    bool has_idem;
+    bool idem_owner;
+    bool idem_replay;
+    int64_t idem_row;
+    char idem_hash[65];
+    char idem_redis_key[96];
+    int64_t idem_resource; /* internal id of a resource an earlier attempt created */
+    int claim_tries;
+    bool not_executed; /* refused before executing: the answer is not kept for the key */
+    /* handler state */
+    struct event *timer;
+    char *pending_body; /* the answer to give if the worker does not answer in time */
+    void *state;        /* a handler's parsed arguments between two callbacks */
+    int64_t list_limit; /* list: page size, negative when walking backwards */
+    bool responded;
+    int refs; /* callbacks that may still arrive for this request */
+};
+
+/* api.c */
+void api_request_begin(struct api *api, struct evhttp_request *req);
+void api_send(struct api_req *r, int status, const char *body);
+
+/* v1.c */
+void v1_dispatch(struct api *api, struct evhttp_request *req);
+/* Answers a request (through the idempotency store when a key is in use). */
+void v1_respond(struct api_req *r, int status, const char *body);
+void v1_error(struct api_req *r, int status, const char *type, const char *code,
+              const char *message, const char *param);
+void v1_params_error(struct api_req *r, const struct params_error *e);
+void v1_db_error(struct api_req *r, const char *err);
+/* Drops one reference; frees the request when nothing refers to it. */
+void v1_release(struct api_req *r);
+
+/* auth.c */
+struct auth_cache *auth_cache_new(void);
+void auth_cache_free(struct auth_cache *c);
+typedef void (*auth_cb)(struct api_req *r, int64_t account_id);
+void auth_lookup(struct api_req *r, const char *key, auth_cb cb);
+
+/* idem.c */
+void idem_begin(struct api_req *r);
+void idem_finish(struct api_req *r, int status, const char *body);
+
+/* intents.c */
+void intents_create(struct api_req *r);
+void intents_retrieve(struct api_req *r);
+void intents_update(struct api_req *r);
+void intents_list(struct api_req *r);
+void intents_confirm(struct api_req *r);
+void intents_capture(struct api_req *r);
+void intents_cancel(struct api_req *r);
+/* Answers with the current object of an intent by internal id (idempotency recovery). */
+void intents_respond_current(struct api_req *r, int64_t intent_id);
+
+#endif

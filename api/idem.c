@@ -1,0 +1,291 @@
+/*
+ * idem - idempotent POST requests (the Idempotency-Key header).
+ *
+ * Offers idem_begin() and idem_finish(). The first request under a key
+ * claims it, executes, and stores its response, which every later request
+ * with the same key gets back byte for byte for 24 h; the same key with other
+ * parameters answers 400 idempotency_error; a request arriving while the
+ * first is still executing answers 409.
+ *
+ * Two layers, one truth. Redis holds a fast claim (SET NX PX) and a copy
+ * of finished responses, so a replay costs one Redis round trip. PostgreSQL
+ * holds the row that decides: INSERT ... ON CONFLICT DO NOTHING claims the
+ * key, and the response is written to that row before it is sent. With
+ * Redis down, restarted or flushed every decision is taken from the row,
+ * so the outcome is the same. A claim whose owner died (locked for more
+ * than IDEM_LOCK_S) is taken over; when that owner had already created its
+ * resource, the new owner answers with that resource instead of creating a
+ * second one. Requests refused at validation or by an unavailable database
+ * keep no result: the row is removed and the key can be used again.
+ * Calls api, pgev, redisev, crypto.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api.h"
+#include "crypto.h"
+#include "log.h"
+#include "xmalloc.h"
+
+#define IDEM_LOCK_S_TEXT   "60"
+#define IDEM_TTL_MS        "86400000"
+#define IDEM_REDIS_LOCK_MS "60000"
+
+static void idem_claim_pg(struct api_req *r);
+
+static void
+idem_mismatch(struct api_req *r)
+{
+    char msg[400];
+    snprintf(msg, sizeof(msg),
+             "Keys for idempotent requests can only be used with the same parameters they were "
+             "first used with. Try using a key other than '%.64s' if you meant to execute a "
+             "different request.",
+             r->idem_key);
+    v1_error(r, 400, "idempotency_error", NULL, msg, NULL);
+}
+
+static void
+idem_conflict(struct api_req *r)
+{
+    v1_error(r, 409, "idempotency_error", NULL,
+             "There is currently another in-progress request using this Idempotent Key (that "
+             "probably means you submitted twice, and the other request is still going "
+             "through). Please retry this request later.",
+             NULL);
+}
+
+static void
+idem_replay(struct api_req *r, int status, const char *body)
+{
+    r->idem_replay = true;
+    evhttp_add_header(evhttp_request_get_output_headers(r->req), "Idempotent-Replayed", "true");
+    api_send(r, status, body);
+}
+
+static void
+idem_redis_store(struct api_req *r, int status, const char *body)
+{
+    if (!redisev_connected(r->api->redis))
+        return;
+    char *value = xasprintf("D%s%03d%s", r->idem_hash, status, body);
+    const char *argv[5] = {"SET", r->idem_redis_key, value, "PX", IDEM_TTL_MS};
+    redisev_command(r->api->redis, NULL, NULL, 5, argv);
+    free(value);
+}
+
+/* ---- PostgreSQL: the truth ---- */
+
+static void
+idem_on_takeover(void *arg, PGresult *res, const char *err)
+{
+    struct api_req *r = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        v1_db_error(r, err);
+        return;
+    }
+    if (PQntuples(res) == 0) {
+        idem_conflict(r); /* somebody else took it over first */
+        return;
+    }
+    r->idem_owner = true;
+    if (!PQgetisnull(res, 0, 0)) {
+        log_info("idempotency key %s: resuming after an interrupted request", r->idem_key);
+        intents_respond_current(r, strtoll(PQgetvalue(res, 0, 0), NULL, 10));
+        return;
+    }
+    r->handler(r);
+}
+
+static void
+idem_on_claim(void *arg, PGresult *res, const char *err)
+{
+    struct api_req *r = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        v1_db_error(r, err);
+        return;
+    }
+    if (PQntuples(res) == 0) {
+        /* A concurrent claim committed after this statement's snapshot: look again. */
+        if (++r->claim_tries < 3) {
+            idem_claim_pg(r);
+            return;
+        }
+        idem_conflict(r);
+        return;
+    }
+    r->idem_row = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+    if (strcmp(PQgetvalue(res, 0, 0), "new") == 0) {
+        r->idem_owner = true;
+        r->handler(r);
+        return;
+    }
+    if (strcmp(PQgetvalue(res, 0, 2), r->idem_hash) != 0) {
+        idem_mismatch(r);
+        return;
+    }
+    if (!PQgetisnull(res, 0, 3)) {
+        int status = atoi(PQgetvalue(res, 0, 3));
+        const char *body = PQgetvalue(res, 0, 4);
+        idem_redis_store(r, status, body); /* Redis lost it: put it back */
+        idem_replay(r, status, body);
+        return;
+    }
+    if (strcmp(PQgetvalue(res, 0, 5), "t") == 0) {
+        idem_conflict(r);
+        return;
+    }
+    char row[32];
+    snprintf(row, sizeof(row), "%lld", (long long)r->idem_row);
+    const char *params[1] = {row};
+    pgev_query(r->api->pg,
+               "UPDATE idempotency_keys SET locked_at = now() WHERE id = $1"
+               " AND response_code IS NULL AND (locked_at IS NULL OR locked_at < now() - "
+               "interval '" IDEM_LOCK_S_TEXT " seconds') RETURNING resource_id",
+               1, params, idem_on_takeover, r);
+}
+
+static void
+idem_claim_pg(struct api_req *r)
+{
+    char account[32];
+    const char *method = r->method == EVHTTP_REQ_POST ? "POST" : "GET";
+    const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(r->req));
+    snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
+    const char *params[5] = {account, r->idem_key, method, path, r->idem_hash};
+    pgev_query(r->api->pg,
+               "WITH ins AS ("
+               " INSERT INTO idempotency_keys (account_id, idempotency_key, request_method,"
+               "  request_path, request_hash, locked_at)"
+               " VALUES ($1, $2, $3, $4, decode($5, 'hex'), now())"
+               " ON CONFLICT (account_id, idempotency_key) DO NOTHING RETURNING id)"
+               " SELECT 'new', id, NULL, NULL, NULL, NULL FROM ins"
+               " UNION ALL"
+               " SELECT 'old', k.id, encode(k.request_hash, 'hex'), k.response_code,"
+               "  k.response_body, (k.locked_at IS NOT NULL AND"
+               "   k.locked_at > now() - interval '" IDEM_LOCK_S_TEXT " seconds')"
+               " FROM idempotency_keys k WHERE k.account_id = $1 AND k.idempotency_key = $2"
+               "  AND NOT EXISTS (SELECT 1 FROM ins)",
+               5, params, idem_on_claim, r);
+}
+
+/* ---- Redis: the fast path ---- */
+
+static void
+idem_on_redis_get(void *arg, redisReply *reply)
+{
+    struct api_req *r = arg;
+    r->refs--;
+    if (reply && reply->type == REDIS_REPLY_STRING && reply->len > 65) {
+        if (memcmp(reply->str + 1, r->idem_hash, 64) != 0) {
+            idem_mismatch(r);
+            return;
+        }
+        if (reply->str[0] == 'D' && reply->len >= 68) {
+            char code[4] = {reply->str[65], reply->str[66], reply->str[67], 0};
+            char *body = xstrndup(reply->str + 68, (size_t)reply->len - 68);
+            idem_replay(r, atoi(code), body);
+            free(body);
+            return;
+        }
+        if (reply->str[0] == 'L') {
+            idem_conflict(r);
+            return;
+        }
+    }
+    idem_claim_pg(r);
+}
+
+static void
+idem_on_redis_set(void *arg, redisReply *reply)
+{
+    struct api_req *r = arg;
+    if (reply && reply->type == REDIS_REPLY_NIL) {
+        /* Somebody holds or finished this key: see which. */
+        const char *argv[2] = {"GET", r->idem_redis_key};
+        if (redisev_command(r->api->redis, idem_on_redis_get, r, 2, argv) == 0)
+            return; /* keeps the reference */
+    }
+    r->refs--;
+    idem_claim_pg(r);
+}
+
+void
+idem_begin(struct api_req *r)
+{
+    uint8_t hash[32];
+    char *canon = params_canonical(r->params);
+    const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(r->req));
+    char *text = xasprintf("POST %s %s", path, canon);
+    crypto_sha256(text, strlen(text), hash);
+    crypto_hex(hash, 32, r->idem_hash);
+    free(text);
+    free(canon);
+    crypto_sha256(r->idem_key, strlen(r->idem_key), hash);
+    char keyhex[65];
+    crypto_hex(hash, 16, keyhex);
+    snprintf(r->idem_redis_key, sizeof(r->idem_redis_key), "idem:%lld:%s", (long long)r->account_id,
+             keyhex);
+
+    char *lock = xasprintf("L%s", r->idem_hash);
+    const char *argv[6] = {"SET", r->idem_redis_key, lock, "NX", "PX", IDEM_REDIS_LOCK_MS};
+    r->refs++;
+    if (redisev_command(r->api->redis, idem_on_redis_set, r, 6, argv) < 0) {
+        r->refs--;
+        idem_claim_pg(r); /* Redis down: PostgreSQL alone decides */
+    }
+    free(lock);
+}
+
+/* ---- storing the answer ---- */
+
+struct idem_store {
+    struct api_req *r;
+    int status;
+    char *body;
+};
+
+static void
+idem_on_stored(void *arg, PGresult *res, const char *err)
+{
+    struct idem_store *st = arg;
+    struct api_req *r = st->r;
+    if (!res || (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK))
+        log_error("idempotency key %s: response not stored: %s", r->idem_key,
+                  err ? err : PQresultErrorMessage(res));
+    else if (!r->not_executed)
+        idem_redis_store(r, st->status, st->body);
+    api_send(r, st->status, st->body);
+    free(st->body);
+    free(st);
+}
+
+void
+idem_finish(struct api_req *r, int status, const char *body)
+{
+    struct idem_store *st = xmalloc(sizeof(*st));
+    char row[32], code[8];
+    st->r = r;
+    st->status = status;
+    st->body = xstrdup(body);
+    r->idem_owner = false; /* v1_respond() goes straight to the client from now on */
+    snprintf(row, sizeof(row), "%lld", (long long)r->idem_row);
+    snprintf(code, sizeof(code), "%d", status);
+    if (r->not_executed) {
+        /* Nothing was done under this key: release it entirely. */
+        const char *params[1] = {row};
+        if (redisev_connected(r->api->redis)) {
+            const char *argv[2] = {"DEL", r->idem_redis_key};
+            redisev_command(r->api->redis, NULL, NULL, 2, argv);
+        }
+        pgev_query(r->api->pg, "DELETE FROM idempotency_keys WHERE id = $1 AND resource_id IS NULL",
+                   1, params, idem_on_stored, st);
+        return;
+    }
+    const char *params[3] = {row, code, body};
+    pgev_query(r->api->pg,
+               "UPDATE idempotency_keys SET response_code = $2, response_body = $3,"
+               " locked_at = NULL, recovery_point = 'finished' WHERE id = $1",
+               3, params, idem_on_stored, st);
+}

@@ -1,0 +1,293 @@
+/*
+ * v1 - the /v1 REST surface: authentication, body parsing, routing and the
+ * single way out for every answer.
+ *
+ * Offers v1_dispatch() (from the HTTP callback), v1_respond(), v1_error(),
+ * v1_params_error(), v1_db_error() and v1_release(). A request goes:
+ * Authorization header -> auth_lookup() -> parameters (form or JSON body,
+ * or the query string for GET) -> route -> idempotency claim for a POST with
+ * an Idempotency-Key -> handler -> v1_respond(), which stores the answer for
+ * the key before it is sent. Errors have Stripe's shape and status codes.
+ * A request object may outlive its answer while a worker job is still out;
+ * it is freed when the last reference is dropped. Calls api, params, auth,
+ * idem, intents, httputil.
+ */
+#include <ctype.h>
+#include <event2/buffer.h>
+#include <event2/keyvalq_struct.h>
+#include <openssl/evp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api.h"
+#include "httputil.h"
+#include "log.h"
+#include "xmalloc.h"
+
+struct route {
+    enum evhttp_cmd_type method;
+    const char *collection; /* path after /v1/ */
+    bool has_id;
+    const char *action; /* after /:id/, or NULL */
+    const char *name;
+    api_handler handler;
+};
+
+static const struct route v1_routes[] = {
+    {EVHTTP_REQ_POST, "payment_intents", false, NULL, "payment_intents.create", intents_create},
+    {EVHTTP_REQ_GET, "payment_intents", false, NULL, "payment_intents.list", intents_list},
+    {EVHTTP_REQ_GET, "payment_intents", true, NULL, "payment_intents.retrieve", intents_retrieve},
+    {EVHTTP_REQ_POST, "payment_intents", true, NULL, "payment_intents.update", intents_update},
+    {EVHTTP_REQ_POST, "payment_intents", true, "confirm", "payment_intents.confirm",
+     intents_confirm},
+    {EVHTTP_REQ_POST, "payment_intents", true, "capture", "payment_intents.capture",
+     intents_capture},
+    {EVHTTP_REQ_POST, "payment_intents", true, "cancel", "payment_intents.cancel", intents_cancel},
+};
+
+void
+v1_release(struct api_req *r)
+{
+    if (--r->refs > 0)
+        return;
+    if (r->timer)
+        event_free(r->timer);
+    json_decref(r->params);
+    free(r->pending_body);
+    free(r->state);
+    free(r);
+}
+
+void
+v1_respond(struct api_req *r, int status, const char *body)
+{
+    if (r->responded)
+        return;
+    if (r->idem_owner) {
+        idem_finish(r, status, body);
+        return;
+    }
+    api_send(r, status, body);
+}
+
+void
+v1_error(struct api_req *r, int status, const char *type, const char *code, const char *message,
+         const char *param)
+{
+    json_t *err = json_object();
+    json_object_set_new(err, "type", json_string(type));
+    if (code)
+        json_object_set_new(err, "code", json_string(code));
+    json_object_set_new(err, "message", json_string(message));
+    if (param && *param)
+        json_object_set_new(err, "param", json_string(param));
+    json_t *root = json_pack("{s:o}", "error", err);
+    char *text = json_dumps(root, JSON_COMPACT);
+    v1_respond(r, status, text);
+    free(text);
+    json_decref(root);
+}
+
+void
+v1_params_error(struct api_req *r, const struct params_error *e)
+{
+    /* Refused at validation: like Stripe, the key keeps no result for it. */
+    r->not_executed = true;
+    v1_error(r, e->status, "invalid_request_error", e->code, e->message, e->param);
+}
+
+void
+v1_db_error(struct api_req *r, const char *err)
+{
+    log_warn("%s: database: %s", r->route, err ? err : "error");
+    r->not_executed = true;
+    evhttp_add_header(evhttp_request_get_output_headers(r->req), "Retry-After", "1");
+    v1_error(r, 503, "api_error", "database_unavailable",
+             "The service cannot reach its database right now; retry shortly.", NULL);
+}
+
+/* ---- authentication ---- */
+
+/* Extracts the API key from "Bearer KEY" or "Basic base64(KEY:)". */
+static int
+v1_bearer(const char *header, char *out, size_t cap)
+{
+    if (!header)
+        return -1;
+    if (strncasecmp(header, "Bearer ", 7) == 0) {
+        const char *k = header + 7;
+        while (*k == ' ')
+            k++;
+        if (!*k || strlen(k) >= cap)
+            return -1;
+        strcpy(out, k);
+        return 0;
+    }
+    if (strncasecmp(header, "Basic ", 6) == 0) {
+        const char *b64 = header + 6;
+        size_t len = strlen(b64);
+        if (len == 0 || len > 1024 || len % 4)
+            return -1;
+        unsigned char buf[800];
+        int n = EVP_DecodeBlock(buf, (const unsigned char *)b64, (int)len);
+        if (n <= 0)
+            return -1;
+        buf[n] = '\0';
+        char *colon = strchr((char *)buf, ':');
+        if (colon)
+            *colon = '\0';
+        if (strlen((char *)buf) == 0 || strlen((char *)buf) >= cap)
+            return -1;
+        strcpy(out, (char *)buf);
+        return 0;
+    }
+    return -1;
+}
+
+static void
+v1_after_idem_check(struct api_req *r)
+{
+    if (r->has_idem && r->method == EVHTTP_REQ_POST)
+        idem_begin(r);
+    else
+        r->handler(r);
+}
+
+static void
+v1_on_auth(struct api_req *r, int64_t account_id)
+{
+    if (account_id < 0) {
+        v1_db_error(r, "key lookup failed");
+        return;
+    }
+    if (account_id == 0) {
+        v1_error(r, 401, "invalid_request_error", "api_key_invalid", "Invalid API Key provided.",
+                 NULL);
+        return;
+    }
+    r->account_id = account_id;
+    v1_after_idem_check(r);
+}
+
+/* ---- parameters and routing ---- */
+
+static json_t *
+v1_parse_params(struct api_req *r, struct params_error *err)
+{
+    if (r->method == EVHTTP_REQ_GET || r->method == EVHTTP_REQ_DELETE) {
+        const char *q = evhttp_uri_get_query(evhttp_request_get_evhttp_uri(r->req));
+        return params_parse_form(q ? q : "", q ? strlen(q) : 0, err);
+    }
+    struct evbuffer *in = evhttp_request_get_input_buffer(r->req);
+    size_t len = evbuffer_get_length(in);
+    const char *data = len ? (const char *)evbuffer_pullup(in, (ssize_t)len) : "";
+    const char *ct = evhttp_find_header(evhttp_request_get_input_headers(r->req), "Content-Type");
+    if (ct && strncasecmp(ct, "application/json", 16) == 0)
+        return len ? params_parse_json(data, len, err) : json_object();
+    if (memchr(data, '\0', len)) {
+        params_fail(err, 400, "parameter_invalid", NULL, "The request body contains NUL bytes.");
+        return NULL;
+    }
+    return params_parse_form(data, len, err);
+}
+
+static const struct route *
+v1_route(struct api_req *r, const char *path)
+{
+    char coll[64] = "", id[80] = "", action[32] = "";
+    const char *p = path + 4; /* after "/v1/" */
+    size_t n = strcspn(p, "/");
+    if (n == 0 || n >= sizeof(coll))
+        return NULL;
+    memcpy(coll, p, n);
+    p += n;
+    if (*p == '/') {
+        p++;
+        n = strcspn(p, "/");
+        if (n == 0 || n >= sizeof(id))
+            return NULL;
+        memcpy(id, p, n);
+        for (size_t i = 0; i < n; i++) {
+            if (!isalnum((unsigned char)id[i]) && id[i] != '_')
+                return NULL;
+        }
+        p += n;
+        if (*p == '/') {
+            p++;
+            n = strlen(p);
+            if (n == 0 || n >= sizeof(action) || strchr(p, '/'))
+                return NULL;
+            memcpy(action, p, n);
+        }
+    }
+    for (size_t i = 0; i < sizeof(v1_routes) / sizeof(v1_routes[0]); i++) {
+        const struct route *rt = &v1_routes[i];
+        if (rt->method != r->method || strcmp(rt->collection, coll) != 0)
+            continue;
+        if (rt->has_id != (id[0] != '\0'))
+            continue;
+        if ((rt->action == NULL) != (action[0] == '\0'))
+            continue;
+        if (rt->action && strcmp(rt->action, action) != 0)
+            continue;
+        snprintf(r->id, sizeof(r->id), "%s", id);
+        return rt;
+    }
+    return NULL;
+}
+
+void
+v1_dispatch(struct api *api, struct evhttp_request *req)
+{
+    struct api_req *r = xcalloc(1, sizeof(*r));
+    struct params_error perr;
+    char key[256];
+    const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(req));
+    struct evkeyvalq *hdrs = evhttp_request_get_input_headers(req);
+
+    r->api = api;
+    r->req = req;
+    r->refs = 1;
+    r->method = evhttp_request_get_command(req);
+    r->route = "v1";
+    r->started_us = http_now_us();
+    api_request_begin(api, req);
+
+    const struct route *rt = v1_route(r, path);
+    if (!rt) {
+        char msg[300];
+        snprintf(msg, sizeof(msg), "Unrecognized request URL (%s: %.200s).",
+                 r->method == EVHTTP_REQ_GET    ? "GET"
+                 : r->method == EVHTTP_REQ_POST ? "POST"
+                                                : "?",
+                 path);
+        v1_error(r, 404, "invalid_request_error", NULL, msg, NULL);
+        return;
+    }
+    r->route = rt->name;
+    r->handler = rt->handler;
+    if (v1_bearer(evhttp_find_header(hdrs, "Authorization"), key, sizeof(key)) < 0) {
+        v1_error(r, 401, "invalid_request_error", NULL,
+                 "You did not provide an API key. Provide it in the Authorization header "
+                 "(Authorization: Bearer YOUR_SECRET_KEY).",
+                 NULL);
+        return;
+    }
+    r->params = v1_parse_params(r, &perr);
+    if (!r->params) {
+        v1_params_error(r, &perr);
+        return;
+    }
+    const char *idem = evhttp_find_header(hdrs, "Idempotency-Key");
+    if (idem && r->method == EVHTTP_REQ_POST) {
+        if (strlen(idem) == 0 || strlen(idem) > 255) {
+            v1_error(r, 400, "invalid_request_error", "idempotency_key_invalid",
+                     "Idempotency-Key must be 1 to 255 characters.", NULL);
+            return;
+        }
+        snprintf(r->idem_key, sizeof(r->idem_key), "%s", idem);
+        r->has_idem = true;
+    }
+    auth_lookup(r, key, v1_on_auth);
+}

@@ -1,0 +1,181 @@
+/*
+ * gateway_sim - the adapter for gatewaysim, the project's own gateway
+ * simulator (tools/gatewaysim.c), spoken over HTTP with JSON bodies.
+ *
+ * Offers gateway_sim_new() and gateway_outcome_name(). Every call carries
+ * an Idempotency-Key, so a repeated call can never charge twice. Answers
+ * are classified for the retry and failover rules: a decline is final; a
+ * refused connection, a 503 marked not processed, or a 429 is certainly
+ * not processed; a timeout or reset after the request went out is
+ * ambiguous and may only be resolved by asking again with the same key.
+ * Calls curlev, jansson.
+ */
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gateway.h"
+#include "xmalloc.h"
+
+struct sim {
+    struct curlev *curl;
+    char *base;
+    long timeout_ms;
+};
+
+struct sim_call {
+    gw_cb cb;
+    void *arg;
+    enum gw_op op;
+};
+
+const char *
+gateway_outcome_name(enum gw_outcome o)
+{
+    static const char *const names[] = {"succeeded", "requires_capture", "requires_action",
+                                        "declined",  "canceled",         "not_processed",
+                                        "ambiguous", "rejected"};
+    return (unsigned)o < sizeof(names) / sizeof(names[0]) ? names[o] : "unknown";
+}
+
+static void
+sim_copy(char *dst, size_t cap, json_t *obj, const char *key)
+{
+    const char *v = json_string_value(json_object_get(obj, key));
+    snprintf(dst, cap, "%s", v ? v : "");
+}
+
+static void
+sim_on_response(void *arg, const struct curlev_response *resp)
+{
+    struct sim_call *call = arg;
+    struct gw_result res = {0};
+
+    if (resp->rc != CURLE_OK) {
+        res.outcome = resp->sent ? GW_AMBIGUOUS : GW_NOT_PROCESSED;
+        snprintf(res.message, sizeof(res.message), "%s", resp->error ? resp->error : "error");
+        goto out;
+    }
+    json_t *body = json_loadb(resp->body, resp->len, 0, NULL);
+    if (resp->status == 429 || resp->status == 503) {
+        /* gatewaysim marks whether it did anything; without the mark it is unknown. */
+        json_t *processed = body ? json_object_get(body, "processed") : NULL;
+        res.outcome = json_is_false(processed) ? GW_NOT_PROCESSED : GW_AMBIGUOUS;
+        if (resp->status == 429)
+            res.outcome = GW_NOT_PROCESSED;
+        snprintf(res.message, sizeof(res.message), "gateway answered %ld", resp->status);
+        json_decref(body);
+        goto out;
+    }
+    if (resp->status >= 500 || !body) {
+        res.outcome = GW_AMBIGUOUS;
+        snprintf(res.message, sizeof(res.message), "gateway answered %ld", resp->status);
+        json_decref(body);
+        goto out;
+    }
+    if (resp->status >= 400) {
+        res.outcome = GW_REJECTED;
+        json_t *err = json_object_get(body, "error");
+        sim_copy(res.message, sizeof(res.message), err ? err : body, "message");
+        json_decref(body);
+        goto out;
+    }
+    const char *status = json_string_value(json_object_get(body, "status"));
+    sim_copy(res.charge_id, sizeof(res.charge_id), body, "id");
+    res.amount = json_integer_value(json_object_get(body, "amount_captured"));
+    if (!status)
+        res.outcome = GW_AMBIGUOUS;
+    else if (strcmp(status, "succeeded") == 0)
+        res.outcome = GW_SUCCEEDED;
+    else if (strcmp(status, "requires_capture") == 0)
+        res.outcome = GW_REQUIRES_CAPTURE;
+    else if (strcmp(status, "requires_action") == 0)
+        res.outcome = GW_REQUIRES_ACTION;
+    else if (strcmp(status, "canceled") == 0)
+        res.outcome = GW_CANCELED;
+    else if (strcmp(status, "failed") == 0) {
+        res.outcome = GW_DECLINED;
+        sim_copy(res.code, sizeof(res.code), body, "failure_code");
+        sim_copy(res.decline_code, sizeof(res.decline_code), body, "decline_code");
+        sim_copy(res.message, sizeof(res.message), body, "failure_message");
+    } else
+        res.outcome = GW_AMBIGUOUS;
+    json_decref(body);
+out:
+    call->cb(call->arg, &res);
+    free(call);
+}
+
+static void
+sim_call(struct gateway *gw, const struct gw_request *req, gw_cb cb, void *arg)
+{
+    struct sim *s = gw->impl;
+    struct sim_call *call = xmalloc(sizeof(*call));
+    char url[600], key[200];
+    json_t *body = json_object();
+    const char *method = "POST";
+
+    call->cb = cb;
+    call->arg = arg;
+    call->op = req->op;
+    switch (req->op) {
+    case GW_CHARGE:
+        snprintf(url, sizeof(url), "%s/v1/charges", s->base);
+        json_object_set_new(body, "amount", json_integer(req->amount));
+        json_object_set_new(body, "currency", json_string(req->currency));
+        json_object_set_new(body, "payment_method", json_string(req->payment_method));
+        json_object_set_new(body, "capture", json_boolean(req->capture));
+        break;
+    case GW_CAPTURE:
+        snprintf(url, sizeof(url), "%s/v1/charges/%s/capture", s->base, req->charge_id);
+        json_object_set_new(body, "amount", json_integer(req->amount));
+        break;
+    case GW_CANCEL:
+        snprintf(url, sizeof(url), "%s/v1/charges/%s/cancel", s->base, req->charge_id);
+        break;
+    case GW_REFUND:
+        snprintf(url, sizeof(url), "%s/v1/refunds", s->base);
+        json_object_set_new(body, "charge", json_string(req->charge_id));
+        json_object_set_new(body, "amount", json_integer(req->amount));
+        break;
+    case GW_RETRIEVE:
+        method = "GET";
+        snprintf(url, sizeof(url), "%s/v1/charges?idempotency_key=%s", s->base,
+                 req->idempotency_key);
+        break;
+    }
+    char *text = req->op == GW_RETRIEVE ? NULL : json_dumps(body, JSON_COMPACT);
+    json_decref(body);
+    snprintf(key, sizeof(key), "Idempotency-Key: %s", req->idempotency_key);
+    const char *headers[] = {"Content-Type: application/json", key, "Expect:", NULL};
+    curlev_request(s->curl, method, url, headers, text, s->timeout_ms, sim_on_response, call);
+    free(text);
+}
+
+static void
+sim_free(struct gateway *gw)
+{
+    struct sim *s = gw->impl;
+    free(s->base);
+    free(s);
+    free(gw);
+}
+
+struct gateway *
+gateway_sim_new(struct curlev *curl, const char *base_url, long timeout_ms)
+{
+    struct gateway *gw = xcalloc(1, sizeof(*gw));
+    struct sim *s = xcalloc(1, sizeof(*s));
+    s->curl = curl;
+    s->base = xstrdup(base_url);
+    size_t n = strlen(s->base);
+    if (n && s->base[n - 1] == '/')
+        s->base[n - 1] = '\0';
+    s->timeout_ms = timeout_ms;
+    gw->name = "sim";
+    gw->call = sim_call;
+    gw->free = sim_free;
+    gw->impl = s;
+    return gw;
+}
