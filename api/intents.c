@@ -560,7 +560,7 @@ intents_on_confirm_started(void *arg, PGresult *res, const char *err)
         intents_not_found(r);
         return;
     }
-    if (PQgetisnull(res, 0, 2)) {
+    if (PQgetisnull(res, 0, 3)) { /* no upd row: the transition was refused */
         const char *status = PQgetvalue(res, 0, 0);
         if (strcmp(PQgetvalue(res, 0, 1), "f") == 0 &&
             strcmp(status, "requires_payment_method") == 0) {

@@ -9,9 +9,10 @@
  * optimistic version check, a payment_transactions row and the outbox
  * event, in one transaction), then the reply with the intent object.
  *
- * The payment id is the gateway idempotency key, so a job that NNG re-sends
- * after a worker died, or that is retried here after a timeout, can never
- * charge twice. Only failures that are certainly not processed or
+ * The gateway idempotency key is the payment id with the operation and the
+ * version the attempt started from, so a job that NNG re-sends after a
+ * worker died, or that is retried here after a timeout, can never charge
+ * twice. Only failures that are certainly not processed or
  * ambiguous are retried (exponential back-off with full jitter, same key);
  * a decline is final. When retries run out the payment stays `processing`
  * for the recovery sweep. Calls common/, gateway.
@@ -200,6 +201,17 @@ job_decline_error(struct job *j, const struct gw_result *r)
     return text;
 }
 
+static char *
+job_rejected_error(const struct gw_result *r)
+{
+    json_t *err = json_pack("{s:s,s:s,s:s}", "type", "api_error", "code", "processing_error",
+                            "message", "The payment gateway could not process this payment.");
+    (void)r; /* the gateway's own words go to the transaction row, not to the client */
+    char *text = json_dumps(err, JSON_COMPACT);
+    json_decref(err);
+    return text;
+}
+
 static void
 job_finish(struct job *j, const struct gw_result *r)
 {
@@ -263,7 +275,22 @@ job_finish(struct job *j, const struct gw_result *r)
         o.event = "payment_intent.canceled";
         o.cancellation_reason = j->reason[0] ? j->reason : NULL;
         break;
+    case GW_REJECTED:
+        if (strcmp(j->op, "confirm") != 0)
+            goto unresolved;
+        /* The gateway refused the request itself: certainly not charged. */
+        lpe = job_rejected_error(r);
+        o.status = "requires_payment_method";
+        o.last_payment_error = lpe;
+        o.tx_type = "charge";
+        o.tx_status = "failed";
+        o.tx_amount = amount;
+        o.failure_code = "processing_error";
+        o.failure_message = r->message;
+        o.event = "payment_intent.payment_failed";
+        break;
     default:
+    unresolved:
         log_error("payment %s: %s %s (%s); left for recovery", j->public_id, j->op,
                   gateway_outcome_name(r->outcome), r->message);
         job_reply_current(j);
@@ -402,13 +429,16 @@ worker_on_message(void *arg, struct nngev_job *nj, nng_msg *msg)
     envelope_free(&env);
     nng_msg_free(msg);
     w->jobs++;
-    /* One idempotency key per gateway operation of this payment. */
+    /* One gateway idempotency key per attempt: the payment id and the version
+     * the attempt started from. A job re-sent by NNG, or retried here, has the
+     * same version and so the same key (never a second charge); confirming
+     * again after a decline is a new attempt with a new key. */
+    snprintf(j->idem_key, sizeof(j->idem_key), "%s:%s:%lld", j->public_id, j->op,
+             (long long)j->version);
     if (strcmp(j->op, "confirm") == 0) {
-        snprintf(j->idem_key, sizeof(j->idem_key), "%s", j->public_id);
         job_call(j);
         return;
     }
-    snprintf(j->idem_key, sizeof(j->idem_key), "%s:%s", j->public_id, j->op);
     char id[24];
     snprintf(id, sizeof(id), "%lld", (long long)j->intent_id);
     const char *params[1] = {id};

@@ -186,3 +186,117 @@ class Paymentd:
         code, body = self.http("/metrics", port=self.metrics_port)
         assert code == 200, code
         return body
+
+
+# ---- payments helpers ----
+
+import urllib.parse  # noqa: E402
+
+
+def sql(query):
+    """Runs one query against the test database; returns rows of strings."""
+    env = dict(os.environ)
+    r = subprocess.run(["psql", "-h", env.get("POSTGRES_HOST", "127.0.0.1"),
+                        "-p", env.get("POSTGRES_PORT", "5432"), "-U", env.get("POSTGRES_USERNAME", "paymentd"),
+                        "-d", env.get("POSTGRES_DATABASE", "paymentd"), "-v", "ON_ERROR_STOP=1",
+                        "-qAt", "-F", "\t", "-c", query], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise AssertionError("psql failed: " + r.stderr)
+    return [line.split("\t") for line in r.stdout.splitlines() if line]
+
+
+def ctl_db(*args):
+    r = subprocess.run([os.path.join(BIN, "paymentctl")] + list(args), capture_output=True,
+                       text=True, timeout=60)
+    if r.returncode != 0:
+        raise AssertionError("paymentctl %s: %s" % (args, r.stderr))
+    return r.stdout.strip()
+
+
+def migrate():
+    return ctl_db("migrate")
+
+
+def new_account(name="test"):
+    """Creates an account and a key; returns (account public id, internal id, secret key)."""
+    acct = ctl_db("create-account", name)
+    key = ctl_db("create-key", acct)
+    internal = sql("SELECT id FROM accounts WHERE public_id = '%s'" % acct)[0][0]
+    return acct, internal, key
+
+
+class Gateway:
+    """A gatewaysim process on a free port."""
+
+    def __init__(self, *args):
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.proc = subprocess.Popen([os.path.join(BIN, "gatewaysim"), "--port", str(self.port)] + list(args),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0"))
+        wait_for(lambda: self.request("GET", "/v1/ledger")[0] == 200, 10, what="gatewaysim up")
+
+    def request(self, method, path, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                         headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            return r.status, json.loads(r.read() or b"null")
+        finally:
+            conn.close()
+
+    def ledger(self):
+        return self.request("GET", "/v1/ledger")[1]
+
+    def configure(self, **kw):
+        return self.request("POST", "/_config", kw)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class Client:
+    """A minimal Stripe-style HTTP client: form bodies, Bearer key."""
+
+    def __init__(self, port, key):
+        self.port = port
+        self.key = key
+
+    def call(self, method, path, params=None, idem=None, json_body=None, raw=None, headers=None,
+             timeout=30):
+        h = {"Authorization": "Bearer " + self.key} if self.key else {}
+        body = None
+        if json_body is not None:
+            body = json.dumps(json_body)
+            h["Content-Type"] = "application/json"
+        elif raw is not None:
+            body = raw
+            h["Content-Type"] = "application/x-www-form-urlencoded"
+        elif params is not None:
+            if method == "GET":
+                path = path + "?" + urllib.parse.urlencode(params)
+            else:
+                body = urllib.parse.urlencode(params)
+                h["Content-Type"] = "application/x-www-form-urlencoded"
+        if idem:
+            h["Idempotency-Key"] = idem
+        h.update(headers or {})
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=h)
+            r = conn.getresponse()
+            text = r.read().decode()
+            return r.status, text, dict(r.getheaders())
+        finally:
+            conn.close()
+
+    def post(self, path, params=None, **kw):
+        code, text, _ = self.call("POST", path, params or {}, **kw)
+        return code, json.loads(text)
+
+    def get(self, path, params=None, **kw):
+        code, text, _ = self.call("GET", path, params, **kw)
+        return code, json.loads(text)
