@@ -19,8 +19,11 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # Installs the packages that are missing, without starting their services.
 ensure_packages() {
-  local missing=() p
-  for p in "${PACKAGES[@]}"; do
+  local missing=() p wanted=("${PACKAGES[@]}")
+  # The Stripe client test runs on Node.js; a machine that has node already keeps it.
+  command -v node >/dev/null 2>&1 || wanted+=(nodejs)
+  command -v npm >/dev/null 2>&1 || wanted+=(npm)
+  for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
@@ -149,4 +152,12 @@ build() {
   shift
   cmake -S "$PAYMENTD_ROOT" -B "$dir" "$@" >/dev/null || die "cmake configure failed"
   cmake --build "$dir" -j "$(nproc)" || die "build failed"
+}
+
+# Installs the test clients of tests/node (the official stripe package).
+ensure_node_modules() {
+  local dir=$PAYMENTD_ROOT/tests/node
+  [ -d "$dir/node_modules/stripe" ] && [ "$dir/node_modules/.package-lock.json" -nt "$dir/package-lock.json" ] && return 0
+  say "installing the Node.js test clients (npm ci)"
+  (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null) || die "npm ci failed in tests/node"
 }
