@@ -121,14 +121,15 @@ intents_on_job_reply(void *arg, int err, nng_msg *reply)
         v1_release(r);
         return;
     }
+    /* The decoded envelope points into the message: free it last. */
     struct envelope env;
     enum envelope_error e = envelope_decode(&env, nng_msg_body(reply), nng_msg_len(reply));
-    nng_msg_free(reply);
     if (e != ENV_OK || strcmp(env.type, MSG_JOB_REPLY) != 0) {
         log_warn("%s: bad worker reply: %s", r->route, envelope_strerror(e));
         if (!r->responded && r->pending_body)
             intents_respond_object(r, r->pending_body);
         envelope_free(&env);
+        nng_msg_free(reply);
         v1_release(r);
         return;
     }
@@ -145,6 +146,7 @@ intents_on_job_reply(void *arg, int err, nng_msg *reply)
         }
     }
     envelope_free(&env);
+    nng_msg_free(reply);
     v1_release(r);
 }
 

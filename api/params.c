@@ -284,7 +284,15 @@ params_only(const json_t *params, const char *const *allowed, struct params_erro
             continue;
         if (strcmp(k, "card") == 0 || strcmp(k, "payment_method_data") == 0 ||
             strcmp(k, "source") == 0) {
-            params_fail(err, 400, "parameter_unknown", k,
+            /* Name the field (card[number]) but never echo what it holds. */
+            char field[64];
+            json_t *card =
+                json_is_object(v) && json_object_get(v, "card") ? json_object_get(v, "card") : v;
+            snprintf(field, sizeof(field), "%s%s", k,
+                     json_is_object(card) && json_object_get(card, "number")
+                         ? (card == v ? "[number]" : "[card][number]")
+                         : "");
+            params_fail(err, 400, "parameter_unknown", field,
                         "Sending raw card data is not supported: create a payment method with "
                         "a tokenization provider and pass its id as payment_method.");
             return -1;

@@ -42,7 +42,8 @@ struct envelope {
 };
 
 /* Decodes and checks one envelope. On error, env->field names the field
- * involved (when there is one); envelope_free() is safe either way. */
+ * involved (when there is one); envelope_free() is safe either way. The
+ * decoded strings point into buf: keep buf until envelope_free(). */
 enum envelope_error envelope_decode(struct envelope *env, const void *buf, size_t len);
 void envelope_free(struct envelope *env);
 const char *envelope_strerror(enum envelope_error err);

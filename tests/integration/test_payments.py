@@ -197,7 +197,7 @@ class PaymentsTest(unittest.TestCase):
             ({"amount": 100, "currency": "usd", "capture_method": "later"}, "capture_method"),
             ({"amount": 100, "currency": "usd", "confirm": "maybe"}, "confirm"),
             ({"amount": 100, "currency": "usd", "card[number]": "4242424242424242",
-              "card[cvc]": "123"}, "card"),
+              "card[cvc]": "123"}, "card[number]"),
         ]
         for params, field in cases:
             code, err = self.c.post("/v1/payment_intents", params)
