@@ -142,7 +142,7 @@ sim_body(struct evhttp_request *req)
 /* ---- operations ---- */
 
 static json_t *
-sim_new_charge(json_t *body, int *code)
+sim_new_charge(json_t *body, const char *key, int *code)
 {
     char id[64];
     json_t *amount = json_object_get(body, "amount");
@@ -182,6 +182,7 @@ sim_new_charge(json_t *body, int *code)
         json_object_set_new(ch, "captured", json_true());
     }
     json_object_set_new(ch, "status", json_string(status));
+    json_object_set_new(ch, "idempotency_key", key ? json_string(key) : json_null());
     json_object_set(sim.charges, id, ch);
     json_array_append_new(sim.ordered, json_string(id));
     sim.charges_made++;
@@ -290,7 +291,7 @@ sim_post(struct evhttp_request *req, const char *path)
     }
     char id[80];
     if (strcmp(path, "/v1/charges") == 0) {
-        result = sim_new_charge(body, &code);
+        result = sim_new_charge(body, key, &code);
     } else if (strcmp(path, "/v1/refunds") == 0) {
         result = sim_refund(body, &code);
     } else if (sscanf(path, "/v1/charges/%79[A-Za-z0-9_]/", id) == 1) {

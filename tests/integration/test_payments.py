@@ -399,3 +399,46 @@ class WorkersDownTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class GatewayFaultsTest(unittest.TestCase):
+    """Gateway failures never charge twice: an ambiguous timeout is retried with
+    the same idempotency key, a 503 before processing charges nothing."""
+
+    def setUp(self):
+        self.gw = Gateway()
+        self.addCleanup(self.gw.stop)
+        self.pd = Paymentd(GATEWAY_URL=self.gw.url, GATEWAY_TIMEOUT_MS=300, CONFIRM_WAIT_MS=8000)
+        self.addCleanup(self.pd.cleanup)
+        self.pd.start()
+        _, _, key = new_account("faults")
+        self.c = Client(self.pd.port, key)
+
+    def charges_of(self, pi):
+        return [ch for ch in self.gw.ledger()["data"] if (ch.get("idempotency_key") or "").startswith(pi + ":")]
+
+    def test_timeouts_after_the_charge_never_double_charge(self):
+        self.gw.configure(timeout_rate=100)
+        code, pi = self.c.post("/v1/payment_intents", {"amount": 1500, "currency": "usd",
+                                                      "payment_method": "pm_card_visa", "confirm": "true"})
+        self.assertEqual((code, pi["status"]), (200, "processing"), pi)
+        # Every retry used the same key: the gateway charged exactly once.
+        self.assertEqual(len(self.charges_of(pi["id"])), 1)
+        self.assertIn("retry", self.pd.logs())
+
+    def test_unavailable_gateway_charges_nothing_and_retries(self):
+        self.gw.configure(fail_rate=100)
+        code, pi = self.c.post("/v1/payment_intents", {"amount": 1500, "currency": "usd",
+                                                      "payment_method": "pm_card_visa", "confirm": "true"})
+        self.assertEqual((code, pi["status"]), (200, "processing"), pi)
+        self.assertEqual(self.charges_of(pi["id"]), [])
+        # A flaky gateway: the retries get through, still one charge per payment.
+        self.gw.configure(fail_rate=30)
+        for i in range(10):
+            code, p = self.c.post("/v1/payment_intents", {"amount": 100 + i, "currency": "usd",
+                                                         "payment_method": "pm_card_visa", "confirm": "true"})
+            self.assertEqual(code, 200)
+            self.assertIn(p["status"], ("succeeded", "processing"))
+            self.assertLessEqual(len(self.charges_of(p["id"])), 1)
+            if p["status"] == "succeeded":
+                self.assertEqual(len(self.charges_of(p["id"])), 1)
