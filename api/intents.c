@@ -101,6 +101,20 @@ intents_ok(struct api_req *r, PGresult *res, const char *err)
     return true;
 }
 
+/* The statement ran and found the intent (its first column is NULL when the
+ * intent does not exist for this account); otherwise answers and says no. */
+static bool
+intents_found(struct api_req *r, PGresult *res, const char *err)
+{
+    if (!intents_ok(r, res, err))
+        return false;
+    if (PQntuples(res) == 0 || PQgetisnull(res, 0, 0)) {
+        intents_not_found(r);
+        return false;
+    }
+    return true;
+}
+
 /* ---- worker jobs ---- */
 
 struct intents_job {
@@ -434,12 +448,8 @@ static void
 intents_on_object(void *arg, PGresult *res, const char *err)
 {
     struct api_req *r = arg;
-    if (!intents_ok(r, res, err))
+    if (!intents_found(r, res, err))
         return;
-    if (PQntuples(res) == 0) {
-        intents_not_found(r);
-        return;
-    }
     intents_respond_object(r, PQgetvalue(res, 0, 0));
 }
 
@@ -479,12 +489,8 @@ static void
 intents_on_updated(void *arg, PGresult *res, const char *err)
 {
     struct api_req *r = arg;
-    if (!intents_ok(r, res, err))
+    if (!intents_found(r, res, err))
         return;
-    if (PQntuples(res) == 0 || PQgetisnull(res, 0, 0)) {
-        intents_not_found(r);
-        return;
-    }
     if (PQgetisnull(res, 0, 1)) {
         intents_unexpected_state(r, "update", PQgetvalue(res, 0, 0));
         return;
@@ -556,12 +562,8 @@ static void
 intents_on_confirm_started(void *arg, PGresult *res, const char *err)
 {
     struct api_req *r = arg;
-    if (!intents_ok(r, res, err))
+    if (!intents_found(r, res, err))
         return;
-    if (PQntuples(res) == 0 || PQgetisnull(res, 0, 0)) {
-        intents_not_found(r);
-        return;
-    }
     if (PQgetisnull(res, 0, 3)) { /* no upd row: the transition was refused */
         const char *status = PQgetvalue(res, 0, 0);
         if (strcmp(PQgetvalue(res, 0, 1), "f") == 0 &&
@@ -624,13 +626,8 @@ intents_on_locked(void *arg, PGresult *res, const char *err)
     struct api_req *r = arg;
     struct capture_args *a = r->state;
     r->state = NULL;
-    if (!intents_ok(r, res, err)) {
+    if (!intents_found(r, res, err)) {
         free(a);
-        return;
-    }
-    if (PQntuples(res) == 0) {
-        free(a);
-        intents_not_found(r);
         return;
     }
     const char *status = PQgetvalue(res, 0, 0);

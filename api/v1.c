@@ -75,18 +75,9 @@ void
 v1_error(struct api_req *r, int status, const char *type, const char *code, const char *message,
          const char *param)
 {
-    json_t *err = json_object();
-    json_object_set_new(err, "type", json_string(type));
-    if (code)
-        json_object_set_new(err, "code", json_string(code));
-    json_object_set_new(err, "message", json_string(message));
-    if (param && *param)
-        json_object_set_new(err, "param", json_string(param));
-    json_t *root = json_pack("{s:o}", "error", err);
-    char *text = json_dumps(root, JSON_COMPACT);
+    char *text = http_error_body(type, code, message, param);
     v1_respond(r, status, text);
     free(text);
-    json_decref(root);
 }
 
 void

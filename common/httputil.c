@@ -2,7 +2,7 @@
  * httputil - helpers shared by the HTTP servers of the api and exporter
  * roles: JSON replies with the right headers, errors in Stripe's shape,
  * and a monotonic microsecond clock for latency histograms. Offers
- * http_reply_json(), http_reply_error(), http_now_us(). Calls libevent,
+ * http_reply_json(), http_error_body(), http_reply_error(), http_now_us(). Calls libevent,
  * jansson (for escaping error text), xmalloc.
  */
 #include "httputil.h"
@@ -58,22 +58,29 @@ http_reply_json(struct evhttp_request *req, int code, const char *json)
     evbuffer_free(buf);
 }
 
-void
-http_reply_error(struct evhttp_request *req, int status, const char *type, const char *code,
-                 const char *message, const char *param)
+char *
+http_error_body(const char *type, const char *code, const char *message, const char *param)
 {
     json_t *err = json_object();
     json_object_set_new(err, "type", json_string(type));
     if (code)
         json_object_set_new(err, "code", json_string(code));
     json_object_set_new(err, "message", json_string(message));
-    if (param)
+    if (param && *param)
         json_object_set_new(err, "param", json_string(param));
     json_t *root = json_pack("{s:o}", "error", err);
     char *text = json_dumps(root, JSON_COMPACT);
+    json_decref(root);
+    return text;
+}
+
+void
+http_reply_error(struct evhttp_request *req, int status, const char *type, const char *code,
+                 const char *message, const char *param)
+{
+    char *text = http_error_body(type, code, message, param);
     http_reply_json(req, status, text);
     free(text);
-    json_decref(root);
 }
 
 int64_t
