@@ -316,6 +316,9 @@ api_dial_workers(struct api *api)
         log_error("cannot open the worker socket: %s", nng_strerror(rv));
         return -1;
     }
+    /* A restarted worker is found again within half a second. */
+    nng_socket_set_ms(api->workers, NNG_OPT_RECONNMINT, 20);
+    nng_socket_set_ms(api->workers, NNG_OPT_RECONNMAXT, 500);
     for (int i = 0; i < cfg->workers; i++) {
         role_url(cfg, ROLE_WORKER, i, url, sizeof(url));
         /* Non-blocking dial: NNG keeps re-dialing a worker that is down. */
