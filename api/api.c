@@ -86,9 +86,8 @@ ready_check_answer(struct ready_check *rc)
     http_reply_json(rc->req, ok ? 200 : 503, body);
     free(body);
     json_decref(root);
-    metric_inc(role_metrics(api->ctx), ok ? MC_HTTP_READYZ_200 : MC_HTTP_READYZ_503);
-    metric_observe_us(role_metrics(api->ctx), MH_HTTP_READYZ,
-                      (uint64_t)(http_now_us() - rc->started_us));
+    metric_http(role_metrics(api->ctx), MR_READYZ, ok ? 200 : 503,
+                (uint64_t)(http_now_us() - rc->started_us));
     rc->answered = true;
     if (rc->result[CHECK_PG] == NULL) {
         pgev_forget(api->pg, rc->pg_query);
@@ -242,8 +241,7 @@ api_route(struct evhttp_request *req, void *arg)
         path = "/";
     if (strcmp(path, "/healthz") == 0 && (method == EVHTTP_REQ_GET || method == EVHTTP_REQ_HEAD)) {
         http_reply_json(req, 200, "{\"status\":\"ok\"}");
-        metric_inc(role_metrics(api->ctx), MC_HTTP_HEALTHZ_200);
-        metric_observe_us(role_metrics(api->ctx), MH_HTTP_HEALTHZ, (uint64_t)(http_now_us() - t0));
+        metric_http(role_metrics(api->ctx), MR_HEALTHZ, 200, (uint64_t)(http_now_us() - t0));
         return;
     }
     if (strcmp(path, "/readyz") == 0 && (method == EVHTTP_REQ_GET || method == EVHTTP_REQ_HEAD)) {
@@ -259,7 +257,7 @@ api_route(struct evhttp_request *req, void *arg)
              "Unrecognized request URL (%.200s). This endpoint is not served "
              "by this version of paymentd.",
              path);
-    metric_inc(role_metrics(api->ctx), MC_HTTP_NOT_FOUND);
+    metric_http(role_metrics(api->ctx), MR_OTHER, 404, (uint64_t)(http_now_us() - t0));
     http_reply_error(req, 404, "invalid_request_error", NULL, msg, NULL);
 }
 
@@ -271,6 +269,8 @@ api_send(struct api_req *r, int status, const char *body)
         return;
     r->responded = true;
     http_reply_json(r->req, status, body);
+    metric_http(role_metrics(r->api->ctx), r->mroute, status,
+                (uint64_t)(http_now_us() - r->started_us));
     log_debug("%s %d %lld us", r->route, status, (long long)(http_now_us() - r->started_us));
     v1_release(r);
 }

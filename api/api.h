@@ -11,6 +11,7 @@
 #include "params.h"
 #include "pgev.h"
 #include "redisev.h"
+#include "metrics.h"
 #include "role.h"
 
 struct auth_cache;
@@ -36,8 +37,9 @@ struct api_req {
     struct api *api;
     struct evhttp_request *req;
     enum evhttp_cmd_type method;
-    const char *route; /* route name for logs and metrics */
-    char id[80];       /* the :id path segment, when the route has one */
+    const char *route; /* route name for logs */
+    enum metric_route mroute;
+    char id[80]; /* the :id path segment, when the route has one */
     int64_t account_id;
     json_t *params;
     api_handler handler;

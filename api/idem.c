@@ -49,6 +49,7 @@ idem_mismatch(struct api_req *r)
 static void
 idem_conflict(struct api_req *r)
 {
+    metric_inc(role_metrics(r->api->ctx), MC_IDEMPOTENT_CONFLICTS);
     v1_error(r, 409, "idempotency_error", NULL,
              "There is currently another in-progress request using this Idempotent Key (that "
              "probably means you submitted twice, and the other request is still going "
@@ -60,6 +61,7 @@ static void
 idem_replay(struct api_req *r, int status, const char *body)
 {
     r->idem_replay = true;
+    metric_inc(role_metrics(r->api->ctx), MC_IDEMPOTENT_REPLAYS);
     evhttp_add_header(evhttp_request_get_output_headers(r->req), "Idempotent-Replayed", "true");
     api_send(r, status, body);
 }

@@ -635,6 +635,7 @@ intents_on_locked(void *arg, PGresult *res, const char *err)
     int64_t capturable = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
     if (a->cancel) {
         if (strcmp(PQgetvalue(res, 0, 3), "1") == 0) {
+            metric_payment(role_metrics(r->api->ctx), MP_CANCELED);
             v1_respond(r, 200, obj); /* canceled by this very statement */
         } else if (strcmp(status, "requires_capture") == 0) {
             intents_send_job(r, "cancel", res, 0, 4 + JOB_AMOUNT_COL_OFFSET, 0, a->reason, obj);

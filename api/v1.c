@@ -32,18 +32,24 @@ struct route {
     const char *action; /* after /:id/, or NULL */
     const char *name;
     api_handler handler;
+    enum metric_route mroute;
 };
 
 static const struct route v1_routes[] = {
-    {EVHTTP_REQ_POST, "payment_intents", false, NULL, "payment_intents.create", intents_create},
-    {EVHTTP_REQ_GET, "payment_intents", false, NULL, "payment_intents.list", intents_list},
-    {EVHTTP_REQ_GET, "payment_intents", true, NULL, "payment_intents.retrieve", intents_retrieve},
-    {EVHTTP_REQ_POST, "payment_intents", true, NULL, "payment_intents.update", intents_update},
+    {EVHTTP_REQ_POST, "payment_intents", false, NULL, "payment_intents.create", intents_create,
+     MR_PI_CREATE},
+    {EVHTTP_REQ_GET, "payment_intents", false, NULL, "payment_intents.list", intents_list,
+     MR_PI_LIST},
+    {EVHTTP_REQ_GET, "payment_intents", true, NULL, "payment_intents.retrieve", intents_retrieve,
+     MR_PI_RETRIEVE},
+    {EVHTTP_REQ_POST, "payment_intents", true, NULL, "payment_intents.update", intents_update,
+     MR_PI_UPDATE},
     {EVHTTP_REQ_POST, "payment_intents", true, "confirm", "payment_intents.confirm",
-     intents_confirm},
+     intents_confirm, MR_PI_CONFIRM},
     {EVHTTP_REQ_POST, "payment_intents", true, "capture", "payment_intents.capture",
-     intents_capture},
-    {EVHTTP_REQ_POST, "payment_intents", true, "cancel", "payment_intents.cancel", intents_cancel},
+     intents_capture, MR_PI_CAPTURE},
+    {EVHTTP_REQ_POST, "payment_intents", true, "cancel", "payment_intents.cancel", intents_cancel,
+     MR_PI_CANCEL},
 };
 
 void
@@ -242,6 +248,7 @@ v1_dispatch(struct api *api, struct evhttp_request *req)
     r->refs = 1;
     r->method = evhttp_request_get_command(req);
     r->route = "v1";
+    r->mroute = MR_OTHER;
     r->started_us = http_now_us();
     api_request_begin(api, req);
 
@@ -257,6 +264,7 @@ v1_dispatch(struct api *api, struct evhttp_request *req)
         return;
     }
     r->route = rt->name;
+    r->mroute = rt->mroute;
     r->handler = rt->handler;
     if (v1_bearer(evhttp_find_header(hdrs, "Authorization"), key, sizeof(key)) < 0) {
         v1_error(r, 401, "invalid_request_error", NULL,

@@ -2,17 +2,19 @@
  * metrics - the fixed metric catalog kept in shared memory, and its
  * Prometheus rendering.
  *
- * Offers metric_inc() (header), metric_observe_us() and metrics_render().
- * Each process writes only its own slot with relaxed atomic adds; the
- * exporter sums the slots when scraped, so a restarted process keeps the
- * totals of its slot and counters never go backwards. Histograms have fixed
- * buckets in microseconds, stored per bucket and rendered cumulatively; the
- * sum is kept in integer microseconds and printed as seconds with six
- * decimals, so no floating point is involved. Calls shm, libevent buffers.
+ * Offers metric_inc()/metric_payment() (header), metric_observe(),
+ * metric_observe_us(), metric_http() and metrics_render(). Each process
+ * writes only its own slot with relaxed atomic adds; the exporter sums the
+ * slots when scraped, so a restarted process keeps the totals of its slot
+ * and counters never go backwards. Histograms have fixed buckets, stored per
+ * bucket and rendered cumulatively; durations are kept in integer
+ * microseconds and printed as seconds with six decimals, amounts in minor
+ * units, so no floating point is involved. Calls shm, libevent buffers.
  */
 #include "metrics.h"
 
 #include <inttypes.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -20,44 +22,79 @@ const uint64_t metric_bucket_bounds_us[METRIC_BUCKETS] = {
     500,    1000,   2500,   5000,    10000,   25000,   50000,
     100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000};
 
+const uint64_t metric_bucket_bounds_amount[METRIC_BUCKETS] = {
+    100,   500,    1000,   2500,   5000,    10000,   25000,
+    50000, 100000, 250000, 500000, 1000000, 5000000, 10000000};
+
+static const int metric_codes[METRIC_CODES - 1] = {200, 400, 401, 402, 404, 405,
+                                                   409, 413, 429, 500, 503};
+
+static const char *const route_names[MR__COUNT] = {
+    [MR_HEALTHZ] = "/healthz",
+    [MR_READYZ] = "/readyz",
+    [MR_METRICS] = "/metrics",
+    [MR_PI_CREATE] = "payment_intents.create",
+    [MR_PI_RETRIEVE] = "payment_intents.retrieve",
+    [MR_PI_UPDATE] = "payment_intents.update",
+    [MR_PI_LIST] = "payment_intents.list",
+    [MR_PI_CONFIRM] = "payment_intents.confirm",
+    [MR_PI_CAPTURE] = "payment_intents.capture",
+    [MR_PI_CANCEL] = "payment_intents.cancel",
+    [MR_OTHER] = "other",
+};
+
+static const char *const payment_names[MP__COUNT] = {
+    [MP_SUCCEEDED] = "succeeded",
+    [MP_FAILED] = "failed",
+    [MP_REQUIRES_ACTION] = "requires_action",
+    [MP_REQUIRES_CAPTURE] = "requires_capture",
+    [MP_CANCELED] = "canceled",
+};
+
 struct counter_desc {
     const char *name;
     const char *help;
-    const char *labels;
 };
 
 static const struct counter_desc counter_catalog[MC__COUNT] = {
-    [MC_HTTP_HEALTHZ_200] = {"paymentd_http_requests_total", "HTTP requests answered.",
-                             "route=\"/healthz\",code=\"200\""},
-    [MC_HTTP_READYZ_200] = {"paymentd_http_requests_total", NULL, "route=\"/readyz\",code=\"200\""},
-    [MC_HTTP_READYZ_503] = {"paymentd_http_requests_total", NULL, "route=\"/readyz\",code=\"503\""},
-    [MC_HTTP_METRICS_200] = {"paymentd_http_requests_total", NULL,
-                             "route=\"/metrics\",code=\"200\""},
-    [MC_HTTP_NOT_FOUND] = {"paymentd_http_requests_total", NULL, "route=\"other\",code=\"404\""},
     [MC_NNG_PINGS_ANSWERED] = {"paymentd_nng_pings_answered_total",
-                               "Pings answered over NNG by workers and the outbox.", ""},
+                               "Pings answered over NNG by workers and the outbox."},
     [MC_ENVELOPES_REJECTED] = {"paymentd_envelopes_rejected_total",
-                               "Messages dropped at the border as malformed.", ""},
+                               "Messages dropped at the border as malformed."},
+    [MC_IDEMPOTENT_REPLAYS] = {"paymentd_idempotent_replays_total",
+                               "Responses replayed for a repeated Idempotency-Key."},
+    [MC_IDEMPOTENT_CONFLICTS] = {"paymentd_idempotent_conflicts_total",
+                                 "Requests refused because their key was in flight (409)."},
 };
 
-static const struct counter_desc hist_catalog[MH__COUNT] = {
-    [MH_HTTP_HEALTHZ] = {"paymentd_http_request_duration_seconds", "Time from request to response.",
-                         "route=\"/healthz\""},
-    [MH_HTTP_READYZ] = {"paymentd_http_request_duration_seconds", NULL, "route=\"/readyz\""},
-    [MH_HTTP_METRICS] = {"paymentd_http_request_duration_seconds", NULL, "route=\"/metrics\""},
-};
+void
+metric_observe(struct shm_histogram *h, const uint64_t *bounds, uint64_t value)
+{
+    int b = 0;
+    while (b < METRIC_BUCKETS && value > bounds[b])
+        b++;
+    atomic_fetch_add_explicit(&h->buckets[b], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->sum, value, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->count, 1, memory_order_relaxed);
+}
 
 void
 metric_observe_us(struct shm_metrics *m, enum metric_histogram h, uint64_t us)
 {
-    struct shm_histogram *hist = &m->hist[h];
-    int b = 0;
-    while (b < METRIC_BUCKETS && us > metric_bucket_bounds_us[b])
-        b++;
-    atomic_fetch_add_explicit(&hist->buckets[b], 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&hist->sum_us, us, memory_order_relaxed);
-    atomic_fetch_add_explicit(&hist->count, 1, memory_order_relaxed);
+    metric_observe(&m->hist[h], metric_bucket_bounds_us, us);
 }
+
+void
+metric_http(struct shm_metrics *m, enum metric_route route, int status, uint64_t us)
+{
+    int c = 0;
+    while (c < METRIC_CODES - 1 && metric_codes[c] != status)
+        c++;
+    atomic_fetch_add_explicit(&m->http_requests[route][c], 1, memory_order_relaxed);
+    metric_observe(&m->http_duration[route], metric_bucket_bounds_us, us);
+}
+
+/* ---- rendering ---- */
 
 static void
 metrics_seconds(char *buf, size_t cap, uint64_t us)
@@ -76,6 +113,64 @@ static void
 metrics_header(struct evbuffer *out, const char *name, const char *help, const char *type)
 {
     evbuffer_add_printf(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* Sums one histogram over every slot; pick() finds it in a slot. */
+typedef const struct shm_histogram *(*hist_pick)(const struct shm_metrics *m, int arg);
+
+static void
+metrics_histogram(const struct shm_segment *seg, struct evbuffer *out, const char *name,
+                  const char *labels, hist_pick pick, int arg, bool seconds)
+{
+    uint64_t buckets[METRIC_BUCKETS + 1] = {0}, sum = 0, cum = 0;
+    const uint64_t *bounds = seconds ? metric_bucket_bounds_us : metric_bucket_bounds_amount;
+    char le[32], total[32];
+    for (int i = 0; i < SHM_MAX_SLOTS; i++) {
+        const struct shm_histogram *h = pick(&seg->slots[i].metrics, arg);
+        for (int b = 0; b <= METRIC_BUCKETS; b++)
+            buckets[b] += atomic_load_explicit(&h->buckets[b], memory_order_relaxed);
+        sum += atomic_load_explicit(&h->sum, memory_order_relaxed);
+    }
+    const char *sep = labels[0] ? "," : "";
+    for (int b = 0; b <= METRIC_BUCKETS; b++) {
+        cum += buckets[b];
+        if (b == METRIC_BUCKETS)
+            strcpy(le, "+Inf");
+        else if (seconds)
+            metrics_seconds(le, sizeof(le), bounds[b]);
+        else
+            snprintf(le, sizeof(le), "%" PRIu64, bounds[b]);
+        evbuffer_add_printf(out, "%s_bucket{%s%sle=\"%s\"} %" PRIu64 "\n", name, labels, sep, le,
+                            cum);
+    }
+    if (seconds)
+        metrics_seconds(total, sizeof(total), sum);
+    else
+        snprintf(total, sizeof(total), "%" PRIu64, sum);
+    /* _count equals the +Inf bucket by construction, even mid-update. */
+    evbuffer_add_printf(out, "%s_sum%s%s%s %s\n", name, labels[0] ? "{" : "", labels,
+                        labels[0] ? "}" : "", total);
+    evbuffer_add_printf(out, "%s_count%s%s%s %" PRIu64 "\n", name, labels[0] ? "{" : "", labels,
+                        labels[0] ? "}" : "", cum);
+}
+
+static const struct shm_histogram *
+pick_http(const struct shm_metrics *m, int route)
+{
+    return &m->http_duration[route];
+}
+
+static const struct shm_histogram *
+pick_hist(const struct shm_metrics *m, int h)
+{
+    return &m->hist[h];
+}
+
+static const struct shm_histogram *
+pick_amount(const struct shm_metrics *m, int unused)
+{
+    (void)unused;
+    return &m->payment_amount;
 }
 
 static void
@@ -108,53 +203,77 @@ metrics_render_roles(const struct shm_segment *seg, struct evbuffer *out)
     }
 }
 
-static void
-metrics_render_counters(const struct shm_segment *seg, struct evbuffer *out)
+static uint64_t
+metrics_sum(const struct shm_segment *seg, size_t offset)
 {
-    for (int c = 0; c < MC__COUNT; c++) {
-        const struct counter_desc *d = &counter_catalog[c];
-        uint64_t total = 0;
-        for (int i = 0; i < SHM_MAX_SLOTS; i++)
-            total += atomic_load_explicit(&seg->slots[i].metrics.counters[c], memory_order_relaxed);
-        if (d->help)
-            metrics_header(out, d->name, d->help, "counter");
-        if (d->labels[0])
-            evbuffer_add_printf(out, "%s{%s} %" PRIu64 "\n", d->name, d->labels, total);
-        else
-            evbuffer_add_printf(out, "%s %" PRIu64 "\n", d->name, total);
+    uint64_t total = 0;
+    for (int i = 0; i < SHM_MAX_SLOTS; i++) {
+        const char *base = (const char *)&seg->slots[i].metrics;
+        total +=
+            atomic_load_explicit((const _Atomic uint64_t *)(base + offset), memory_order_relaxed);
+    }
+    return total;
+}
+
+static void
+metrics_render_http(const struct shm_segment *seg, struct evbuffer *out)
+{
+    char labels[96];
+    metrics_header(out, "paymentd_http_requests_total", "HTTP requests answered.", "counter");
+    for (int r = 0; r < MR__COUNT; r++) {
+        for (int c = 0; c < METRIC_CODES; c++) {
+            uint64_t n =
+                metrics_sum(seg, offsetof(struct shm_metrics, http_requests) +
+                                     ((size_t)r * METRIC_CODES + (size_t)c) * sizeof(uint64_t));
+            if (n == 0)
+                continue;
+            char code[8];
+            if (c < METRIC_CODES - 1)
+                snprintf(code, sizeof(code), "%d", metric_codes[c]);
+            else
+                strcpy(code, "other");
+            evbuffer_add_printf(
+                out, "paymentd_http_requests_total{route=\"%s\",code=\"%s\"} %" PRIu64 "\n",
+                route_names[r], code, n);
+        }
+    }
+    metrics_header(out, "paymentd_http_request_duration_seconds", "Time from request to response.",
+                   "histogram");
+    for (int r = 0; r < MR__COUNT; r++) {
+        snprintf(labels, sizeof(labels), "route=\"%s\"", route_names[r]);
+        metrics_histogram(seg, out, "paymentd_http_request_duration_seconds", labels, pick_http, r,
+                          true);
     }
 }
 
 static void
-metrics_render_histograms(const struct shm_segment *seg, struct evbuffer *out)
+metrics_render_payments(const struct shm_segment *seg, struct evbuffer *out)
 {
-    char le[32], sum[32];
-    for (int h = 0; h < MH__COUNT; h++) {
-        const struct counter_desc *d = &hist_catalog[h];
-        uint64_t buckets[METRIC_BUCKETS + 1] = {0}, total_sum = 0, count = 0, cum = 0;
-        for (int i = 0; i < SHM_MAX_SLOTS; i++) {
-            const struct shm_histogram *hs = &seg->slots[i].metrics.hist[h];
-            for (int b = 0; b <= METRIC_BUCKETS; b++)
-                buckets[b] += atomic_load_explicit(&hs->buckets[b], memory_order_relaxed);
-            total_sum += atomic_load_explicit(&hs->sum_us, memory_order_relaxed);
-        }
-        if (d->help)
-            metrics_header(out, d->name, d->help, "histogram");
-        for (int b = 0; b <= METRIC_BUCKETS; b++) {
-            cum += buckets[b];
-            if (b < METRIC_BUCKETS)
-                metrics_seconds(le, sizeof(le), metric_bucket_bounds_us[b]);
-            else
-                strcpy(le, "+Inf");
-            evbuffer_add_printf(out, "%s_bucket{%s,le=\"%s\"} %" PRIu64 "\n", d->name, d->labels,
-                                le, cum);
-        }
-        /* _count equals the +Inf bucket by construction, even mid-update. */
-        count = cum;
-        metrics_seconds(sum, sizeof(sum), total_sum);
-        evbuffer_add_printf(out, "%s_sum{%s} %s\n", d->name, d->labels, sum);
-        evbuffer_add_printf(out, "%s_count{%s} %" PRIu64 "\n", d->name, d->labels, count);
-    }
+    metrics_header(out, "paymentd_payments_total", "Payments that reached a state, by state.",
+                   "counter");
+    for (int p = 0; p < MP__COUNT; p++)
+        evbuffer_add_printf(out, "paymentd_payments_total{status=\"%s\"} %" PRIu64 "\n",
+                            payment_names[p],
+                            metrics_sum(seg, offsetof(struct shm_metrics, payments) +
+                                                 (size_t)p * sizeof(uint64_t)));
+    metrics_header(out, "paymentd_payment_duration_seconds",
+                   "Time from the creation of a payment to its final state.", "histogram");
+    metrics_histogram(seg, out, "paymentd_payment_duration_seconds", "", pick_hist,
+                      MH_PAYMENT_DURATION, true);
+    metrics_header(out, "paymentd_payment_amount",
+                   "Amounts of succeeded payments, in the currency's minor unit.", "histogram");
+    metrics_histogram(seg, out, "paymentd_payment_amount", "", pick_amount, 0, false);
+    metrics_header(out, "paymentd_gateway_request_duration_seconds",
+                   "Duration of one gateway HTTP call.", "histogram");
+    metrics_histogram(seg, out, "paymentd_gateway_request_duration_seconds", "provider=\"sim\"",
+                      pick_hist, MH_GATEWAY_SIM, true);
+    int64_t active = 0;
+    for (int i = 0; i < SHM_MAX_SLOTS; i++)
+        active +=
+            atomic_load_explicit(&seg->slots[i].metrics.active_payments, memory_order_relaxed);
+    metrics_header(out, "paymentd_active_payments", "Gateway jobs in flight in the workers.",
+                   "gauge");
+    evbuffer_add_printf(out, "paymentd_active_payments %" PRId64 "\n", active);
 }
 
 void
@@ -165,6 +284,12 @@ metrics_render(const struct shm_segment *seg, const char *version, const char *c
     evbuffer_add_printf(out, "paymentd_build_info{version=\"%s\",commit=\"%s\"} 1\n", version,
                         commit);
     metrics_render_roles(seg, out);
-    metrics_render_counters(seg, out);
-    metrics_render_histograms(seg, out);
+    for (int c = 0; c < MC__COUNT; c++) {
+        metrics_header(out, counter_catalog[c].name, counter_catalog[c].help, "counter");
+        evbuffer_add_printf(out, "%s %" PRIu64 "\n", counter_catalog[c].name,
+                            metrics_sum(seg, offsetof(struct shm_metrics, counters) +
+                                                 (size_t)c * sizeof(uint64_t)));
+    }
+    metrics_render_http(seg, out);
+    metrics_render_payments(seg, out);
 }

@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 #define SHM_MAGIC          0x50415944u /* "PAYD" */
-#define SHM_LAYOUT_VERSION 1u
+#define SHM_LAYOUT_VERSION 2u
 #define SHM_MAX_SLOTS      72 /* supervisor + 32 api + 32 workers + outbox + exporter + spare */
 
 enum role_kind { ROLE_SUPERVISOR, ROLE_API, ROLE_WORKER, ROLE_OUTBOX, ROLE_EXPORTER, ROLE__COUNT };
@@ -30,29 +30,59 @@ enum slot_state {
 /* ---- metrics catalog: fixed at compile time, one copy per slot ---- */
 
 enum metric_counter {
-    MC_HTTP_HEALTHZ_200,
-    MC_HTTP_READYZ_200,
-    MC_HTTP_READYZ_503,
-    MC_HTTP_METRICS_200,
-    MC_HTTP_NOT_FOUND,
     MC_NNG_PINGS_ANSWERED,
     MC_ENVELOPES_REJECTED,
+    MC_IDEMPOTENT_REPLAYS,
+    MC_IDEMPOTENT_CONFLICTS,
     MC__COUNT
 };
 
-enum metric_histogram { MH_HTTP_HEALTHZ, MH_HTTP_READYZ, MH_HTTP_METRICS, MH__COUNT };
+/* HTTP routes, for http_requests_total{route,code} and the latency histogram. */
+enum metric_route {
+    MR_HEALTHZ,
+    MR_READYZ,
+    MR_METRICS,
+    MR_PI_CREATE,
+    MR_PI_RETRIEVE,
+    MR_PI_UPDATE,
+    MR_PI_LIST,
+    MR_PI_CONFIRM,
+    MR_PI_CAPTURE,
+    MR_PI_CANCEL,
+    MR_OTHER,
+    MR__COUNT
+};
+#define METRIC_CODES 12 /* 200 400 401 402 404 405 409 413 429 500 503, other */
+
+/* Outcomes of payments, for payments_total{status}. */
+enum metric_payment {
+    MP_SUCCEEDED,
+    MP_FAILED,
+    MP_REQUIRES_ACTION,
+    MP_REQUIRES_CAPTURE,
+    MP_CANCELED,
+    MP__COUNT
+};
+
+/* Histograms in microseconds. */
+enum metric_histogram { MH_PAYMENT_DURATION, MH_GATEWAY_SIM, MH__COUNT };
 
 #define METRIC_BUCKETS 14
 
 struct shm_histogram {
     _Atomic uint64_t buckets[METRIC_BUCKETS + 1]; /* last one is +Inf; not cumulative */
-    _Atomic uint64_t sum_us;
+    _Atomic uint64_t sum;
     _Atomic uint64_t count;
 };
 
 struct shm_metrics {
     _Atomic uint64_t counters[MC__COUNT];
+    _Atomic uint64_t http_requests[MR__COUNT][METRIC_CODES];
+    struct shm_histogram http_duration[MR__COUNT];
+    _Atomic uint64_t payments[MP__COUNT];
     struct shm_histogram hist[MH__COUNT];
+    struct shm_histogram payment_amount; /* minor units */
+    _Atomic int64_t active_payments;     /* gauge: gateway jobs in flight */
 };
 
 struct shm_slot {

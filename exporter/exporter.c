@@ -35,6 +35,7 @@ exporter_route(struct evhttp_request *req, void *arg)
     if (!path || strcmp(path, "/metrics") != 0) {
         http_reply_error(req, 404, "invalid_request_error", NULL, "Only /metrics is served here.",
                          NULL);
+        metric_http(role_metrics(ctx), MR_OTHER, 404, (uint64_t)(http_now_us() - t0));
         return;
     }
     struct evbuffer *buf = evbuffer_new();
@@ -43,8 +44,7 @@ exporter_route(struct evhttp_request *req, void *arg)
                       "text/plain; version=0.0.4; charset=utf-8");
     evhttp_send_reply(req, 200, "OK", buf);
     evbuffer_free(buf);
-    metric_inc(role_metrics(ctx), MC_HTTP_METRICS_200);
-    metric_observe_us(role_metrics(ctx), MH_HTTP_METRICS, (uint64_t)(http_now_us() - t0));
+    metric_http(role_metrics(ctx), MR_METRICS, 200, (uint64_t)(http_now_us() - t0));
 }
 
 int

@@ -27,6 +27,7 @@
 
 #include "envelope.h"
 #include "gateway.h"
+#include "httputil.h"
 #include "ids.h"
 #include "log.h"
 #include "metrics.h"
@@ -57,8 +58,16 @@ struct job {
     char charge_id[64];
     char idem_key[128];
     int attempt;
+    int64_t gateway_started_us;
     struct event *retry;
 };
+
+static void
+worker_jobs_changed(struct worker *w, int delta)
+{
+    w->jobs += delta;
+    atomic_store_explicit(&role_metrics(w->ctx)->active_payments, w->jobs, memory_order_relaxed);
+}
 
 /* ---- replies ---- */
 
@@ -77,7 +86,7 @@ job_reply(struct job *j, const char *object, const char *error)
     free(bytes);
     if (j->retry)
         event_free(j->retry);
-    j->w->jobs--;
+    worker_jobs_changed(j->w, -1);
     free(j);
 }
 
@@ -106,6 +115,31 @@ job_reply_current(struct job *j)
 
 /* ---- recording the outcome ---- */
 
+/* Metrics for a recorded outcome: the state reached, and for final states
+ * the time since the payment was created (and the amount, when paid). */
+static void
+job_count_outcome(struct job *j, const char *status, int64_t age_us, int64_t received)
+{
+    struct shm_metrics *m = role_metrics(j->w->ctx);
+    bool final = true;
+    if (strcmp(status, "succeeded") == 0) {
+        metric_payment(m, MP_SUCCEEDED);
+        metric_observe(&m->payment_amount, metric_bucket_bounds_amount, (uint64_t)received);
+    } else if (strcmp(status, "requires_payment_method") == 0) {
+        metric_payment(m, MP_FAILED);
+    } else if (strcmp(status, "canceled") == 0) {
+        metric_payment(m, MP_CANCELED);
+    } else if (strcmp(status, "requires_capture") == 0) {
+        metric_payment(m, MP_REQUIRES_CAPTURE);
+        final = false;
+    } else if (strcmp(status, "requires_action") == 0) {
+        metric_payment(m, MP_REQUIRES_ACTION);
+        final = false;
+    }
+    if (final && age_us > 0)
+        metric_observe_us(m, MH_PAYMENT_DURATION, (uint64_t)age_us);
+}
+
 static void
 job_on_recorded(void *arg, PGresult *res, const char *err)
 {
@@ -121,6 +155,8 @@ job_on_recorded(void *arg, PGresult *res, const char *err)
         job_reply_current(j);
         return;
     }
+    job_count_outcome(j, PQgetvalue(res, 0, 3), strtoll(PQgetvalue(res, 0, 4), NULL, 10),
+                      strtoll(PQgetvalue(res, 0, 5), NULL, 10));
     job_reply(j, PQgetvalue(res, 0, 0), NULL);
 }
 
@@ -182,7 +218,9 @@ job_record(struct job *j, const struct outcome *o, const char *charge_id)
                " ev AS (SELECT outbox_event(upd.account_id, $16,"
                "  payment_intent_object(ROW(upd.*)::payment_intents), upd.public_id) FROM upd)"
                " SELECT payment_intent_object(ROW(upd.*)::payment_intents)::text,"
-               "  (SELECT count(*) FROM tx), (SELECT count(*) FROM ev) FROM upd",
+               "  (SELECT count(*) FROM tx), (SELECT count(*) FROM ev), upd.status,"
+               "  (extract(epoch FROM clock_timestamp() - upd.created_at) * 1000000)::bigint,"
+               "  upd.amount_received FROM upd",
                17, params, job_on_recorded, j);
 }
 
@@ -317,6 +355,8 @@ static void
 job_on_gateway(void *arg, const struct gw_result *r)
 {
     struct job *j = arg;
+    metric_observe_us(role_metrics(j->w->ctx), MH_GATEWAY_SIM,
+                      (uint64_t)(http_now_us() - j->gateway_started_us));
     bool retryable = r->outcome == GW_NOT_PROCESSED || r->outcome == GW_AMBIGUOUS;
     if (retryable && ++j->attempt < JOB_MAX_ATTEMPTS) {
         /* Full jitter: a random delay up to the exponential ceiling. */
@@ -356,6 +396,7 @@ job_call(struct job *j)
     } else {
         req.op = GW_CANCEL;
     }
+    j->gateway_started_us = http_now_us();
     j->w->gw->call(j->w->gw, &req, job_on_gateway, j);
 }
 
@@ -428,7 +469,7 @@ worker_on_message(void *arg, struct nngev_job *nj, nng_msg *msg)
     snprintf(j->request_id, sizeof(j->request_id), "%s", env.request_id);
     envelope_free(&env);
     nng_msg_free(msg);
-    w->jobs++;
+    worker_jobs_changed(w, +1);
     /* One gateway idempotency key per attempt: the payment id and the version
      * the attempt started from. A job re-sent by NNG, or retried here, has the
      * same version and so the same key (never a second charge); confirming

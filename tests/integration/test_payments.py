@@ -155,6 +155,25 @@ class PaymentsTest(unittest.TestCase):
         self.assertEqual(code, 200, text)
         self.assertEqual((pi["currency"], pi["status"], pi["metadata"]), ("usd", "succeeded", {"k": "v"}))
 
+    def test_metrics_follow_payments(self):
+        import re
+        code, pi = self.c.post("/v1/payment_intents", {"amount": 777, "currency": "usd",
+                                                      "payment_method": "pm_card_visa", "confirm": "true"})
+        self.assertEqual((code, pi["status"]), (200, "succeeded"))
+        text = self.pd.metrics()
+
+        def value(pattern):
+            m = re.search("^" + re.escape(pattern) + r" (\d+)$", text, re.M)
+            self.assertIsNotNone(m, pattern)
+            return int(m.group(1))
+        self.assertGreaterEqual(value('paymentd_payments_total{status="succeeded"}'), 1)
+        self.assertGreaterEqual(value('paymentd_http_requests_total{route="payment_intents.create",code="200"}'), 1)
+        self.assertGreaterEqual(value("paymentd_payment_duration_seconds_count"), 1)
+        self.assertGreaterEqual(value("paymentd_payment_amount_count"), 1)
+        self.assertGreaterEqual(value('paymentd_gateway_request_duration_seconds_count{provider="sim"}'), 1)
+        self.assertIn("paymentd_active_payments ", text)
+        self.assertIn('paymentd_http_request_duration_seconds_bucket{route="payment_intents.create",le="+Inf"}', text)
+
     # ---- authentication and isolation ----
 
     def test_missing_or_wrong_key_is_401(self):
