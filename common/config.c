@@ -89,6 +89,8 @@ static const struct config_desc config_keys[CFG__COUNT] = {
                                 OFF(gateway_timeout_ms), false, false},
     [CFG_WORKER_CONCURRENCY] = {"WORKER_CONCURRENCY", T_INT, "1024", 1, 100000, 0,
                                 OFF(worker_concurrency), false, false},
+    [CFG_DB_QUEUE_TIMEOUT_MS] = {"DB_QUEUE_TIMEOUT_MS", T_DURATION, "2000", 10, 600000, 1,
+                                 OFF(db_queue_timeout_ms), false, false},
 };
 
 const char *

@@ -39,6 +39,7 @@ enum config_key {
     CFG_GATEWAY_URL,
     CFG_GATEWAY_TIMEOUT_MS,
     CFG_WORKER_CONCURRENCY,
+    CFG_DB_QUEUE_TIMEOUT_MS,
     CFG__COUNT
 };
 
@@ -75,6 +76,7 @@ struct config {
     const char *gateway_url;
     int64_t gateway_timeout_ms;
     int worker_concurrency;
+    int64_t db_queue_timeout_ms;
 };
 
 /* Loads the configuration: defaults, then the environment, then the file at

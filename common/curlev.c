@@ -183,8 +183,10 @@ curlev_new(struct event_base *base)
     curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
     curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, curlev_timer_cb);
     curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c);
-    curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, 256L);
-    curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, 256L);
+    /* HTTP/1.1 carries one request per connection at a time: a cap here
+     * would queue jobs inside libcurl, where their timeouts already run. */
+    curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, 0L);
+    curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, 1024L);
     return c;
 }
 

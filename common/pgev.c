@@ -7,9 +7,9 @@
  * read/write events on its socket. Queries wait in one FIFO queue and go to
  * the first idle connection. A broken connection fails its query with an
  * error (never a hang), is closed, and is re-opened with a doubling delay
- * (100 ms to 5 s); queries arriving while no connection is up wait in the
- * queue until PGEV_QUEUE_WAIT_MS and then fail, so callers answer 503 quickly
- * instead of piling up. Host names are resolved by libpq during connect:
+ * (100 ms to 5 s); a query that waits in the queue longer than
+ * DB_QUEUE_TIMEOUT_MS (no connection up, or too much load) fails, so callers
+ * answer 503 quickly instead of piling up. Host names are resolved by libpq during connect:
  * give POSTGRES_HOST as an address when that lookup must not stall.
  * Calls libpq, libevent, config, log, xmalloc.
  */
@@ -23,10 +23,9 @@
 #include "shm.h"
 #include "xmalloc.h"
 
-#define PGEV_QUEUE_MAX     20000
-#define PGEV_QUEUE_WAIT_MS 2000
-#define PGEV_RETRY_MIN_MS  100
-#define PGEV_RETRY_MAX_MS  5000
+#define PGEV_QUEUE_MAX    20000
+#define PGEV_RETRY_MIN_MS 100
+#define PGEV_RETRY_MAX_MS 5000
 
 struct pgev_query {
     TAILQ_ENTRY(pgev_query) link;
@@ -66,6 +65,7 @@ struct pgev_pool {
     unsigned long next_id;
     struct event *sweep; /* fails queries that waited too long */
     bool closing;
+    int64_t queue_timeout_ms;
 };
 
 static void pgev_conn_start(struct pgev_conn *c);
@@ -326,7 +326,7 @@ pgev_on_sweep(evutil_socket_t fd, short what, void *arg)
     struct pgev_query *q;
     (void)fd;
     (void)what;
-    while ((q = TAILQ_FIRST(&pool->queue)) != NULL && now - q->queued_ms > PGEV_QUEUE_WAIT_MS) {
+    while ((q = TAILQ_FIRST(&pool->queue)) != NULL && now - q->queued_ms > pool->queue_timeout_ms) {
         TAILQ_REMOVE(&pool->queue, q, link);
         pool->queued--;
         pgev_complete(q, NULL, "database unavailable");
@@ -339,6 +339,7 @@ pgev_pool_new(struct event_base *base, const struct config *cfg, int size)
     struct pgev_pool *pool = xcalloc(1, sizeof(*pool));
     pool->base = base;
     pool->size = size;
+    pool->queue_timeout_ms = cfg->db_queue_timeout_ms;
     pgev_conninfo(cfg, pool->keys, pool->vals, 15);
     /* The configuration may be replaced later; keep private copies. */
     for (int i = 0; pool->keys[i]; i++)

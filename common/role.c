@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "envelope.h"
@@ -148,6 +149,18 @@ role_serve_pings(struct role_ctx *ctx, nng_socket *sock)
     return 0;
 }
 
+/* Every connection is a descriptor: take all the hard limit allows, as
+ * nginx does with worker_rlimit_nofile. */
+void
+role_raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
 int
 role_run(enum role_kind role, int index, const char *config_path)
 {
@@ -190,6 +203,7 @@ role_run(enum role_kind role, int index, const char *config_path)
     atomic_store(&ctx.slot->ready, 0);
     atomic_store(&ctx.slot->heartbeat_ms, shm_now_ms());
 
+    role_raise_nofile();
     ctx.base = event_base_new();
     if (!ctx.base)
         log_fatal(EXIT_ROLE_FAILURE, "cannot create an event loop");

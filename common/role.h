@@ -40,6 +40,9 @@ int exporter_main(struct role_ctx *ctx);
  * supervisor) or config_path, shared memory, loop, heartbeat, signals. */
 int role_run(enum role_kind role, int index, const char *config_path);
 
+/* Raises the open-file limit to the hard limit. */
+void role_raise_nofile(void);
+
 /* Marks the role ready in the role table. */
 void role_ready(struct role_ctx *ctx);
 struct shm_metrics *role_metrics(struct role_ctx *ctx);
