@@ -201,7 +201,7 @@ api_readyz(struct api *api, struct evhttp_request *req)
     if (pgev_pool_connected(api->pg) == 0)
         ready_check_part(rc, CHECK_PG, "not connected");
     else
-        rc->pg_query = pgev_query(api->pg, "SELECT 1", 0, NULL, ready_on_pg, rc);
+        rc->pg_query = pgev_exec(api->pg, "SELECT 1", 0, NULL, ready_on_pg, rc);
 }
 
 /* ---- routing ---- */

@@ -95,8 +95,8 @@ auth_lookup(struct api_req *r, const char *key, auth_cb cb)
     memcpy(p->hash, hash, 32);
     crypto_hex(hash, 32, hex);
     const char *params[1] = {hex};
-    pgev_query(r->api->pg,
-               "SELECT account_id FROM api_keys WHERE key_hash = decode($1, 'hex')"
-               " AND revoked_at IS NULL",
-               1, params, auth_on_row, p);
+    pgev_exec(r->api->pg,
+              "SELECT account_id FROM api_keys WHERE key_hash = decode($1, 'hex')"
+              " AND revoked_at IS NULL",
+              1, params, auth_on_row, p);
 }

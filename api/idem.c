@@ -141,11 +141,11 @@ idem_on_claim(void *arg, PGresult *res, const char *err)
     char row[32];
     snprintf(row, sizeof(row), "%lld", (long long)r->idem_row);
     const char *params[1] = {row};
-    pgev_query(r->api->pg,
-               "UPDATE idempotency_keys SET locked_at = now() WHERE id = $1"
-               " AND response_code IS NULL AND (locked_at IS NULL OR locked_at < now() - "
-               "interval '" IDEM_LOCK_S_TEXT " seconds') RETURNING resource_id",
-               1, params, idem_on_takeover, r);
+    pgev_exec(r->api->pg,
+              "UPDATE idempotency_keys SET locked_at = now() WHERE id = $1"
+              " AND response_code IS NULL AND (locked_at IS NULL OR locked_at < now() - "
+              "interval '" IDEM_LOCK_S_TEXT " seconds') RETURNING resource_id",
+              1, params, idem_on_takeover, r);
 }
 
 static void
@@ -156,20 +156,20 @@ idem_claim_pg(struct api_req *r)
     const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(r->req));
     snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
     const char *params[5] = {account, r->idem_key, method, path, r->idem_hash};
-    pgev_query(r->api->pg,
-               "WITH ins AS ("
-               " INSERT INTO idempotency_keys (account_id, idempotency_key, request_method,"
-               "  request_path, request_hash, locked_at)"
-               " VALUES ($1, $2, $3, $4, decode($5, 'hex'), now())"
-               " ON CONFLICT (account_id, idempotency_key) DO NOTHING RETURNING id)"
-               " SELECT 'new', id, NULL, NULL, NULL, NULL FROM ins"
-               " UNION ALL"
-               " SELECT 'old', k.id, encode(k.request_hash, 'hex'), k.response_code,"
-               "  k.response_body, (k.locked_at IS NOT NULL AND"
-               "   k.locked_at > now() - interval '" IDEM_LOCK_S_TEXT " seconds')"
-               " FROM idempotency_keys k WHERE k.account_id = $1 AND k.idempotency_key = $2"
-               "  AND NOT EXISTS (SELECT 1 FROM ins)",
-               5, params, idem_on_claim, r);
+    pgev_exec(r->api->pg,
+              "WITH ins AS ("
+              " INSERT INTO idempotency_keys (account_id, idempotency_key, request_method,"
+              "  request_path, request_hash, locked_at)"
+              " VALUES ($1, $2, $3, $4, decode($5, 'hex'), now())"
+              " ON CONFLICT (account_id, idempotency_key) DO NOTHING RETURNING id)"
+              " SELECT 'new', id, NULL, NULL, NULL, NULL FROM ins"
+              " UNION ALL"
+              " SELECT 'old', k.id, encode(k.request_hash, 'hex'), k.response_code,"
+              "  k.response_body, (k.locked_at IS NOT NULL AND"
+              "   k.locked_at > now() - interval '" IDEM_LOCK_S_TEXT " seconds')"
+              " FROM idempotency_keys k WHERE k.account_id = $1 AND k.idempotency_key = $2"
+              "  AND NOT EXISTS (SELECT 1 FROM ins)",
+              5, params, idem_on_claim, r);
 }
 
 /* ---- Redis: the fast path ---- */
@@ -281,13 +281,13 @@ idem_finish(struct api_req *r, int status, const char *body)
             const char *argv[2] = {"DEL", r->idem_redis_key};
             redisev_command(r->api->redis, NULL, NULL, 2, argv);
         }
-        pgev_query(r->api->pg, "DELETE FROM idempotency_keys WHERE id = $1 AND resource_id IS NULL",
-                   1, params, idem_on_stored, st);
+        pgev_exec(r->api->pg, "DELETE FROM idempotency_keys WHERE id = $1 AND resource_id IS NULL",
+                  1, params, idem_on_stored, st);
         return;
     }
     const char *params[3] = {row, code, body};
-    pgev_query(r->api->pg,
-               "UPDATE idempotency_keys SET response_code = $2, response_body = $3,"
-               " locked_at = NULL, recovery_point = 'finished' WHERE id = $1",
-               3, params, idem_on_stored, st);
+    pgev_exec(r->api->pg,
+              "UPDATE idempotency_keys SET response_code = $2, response_body = $3,"
+              " locked_at = NULL, recovery_point = 'finished' WHERE id = $1",
+              3, params, idem_on_stored, st);
 }

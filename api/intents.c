@@ -422,7 +422,7 @@ intents_create(struct api_req *r)
                               status,
                               r->idem_row ? idem : NULL,
                               a.confirm ? "sim" : NULL};
-    pgev_query(
+    pgev_exec(
         r->api->pg,
         "WITH upd AS ("
         " INSERT INTO payment_intents (public_id, account_id, amount, currency, customer,"
@@ -465,10 +465,9 @@ intents_retrieve(struct api_req *r)
     }
     snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
     const char *params[2] = {r->id, account};
-    pgev_query(
-        r->api->pg,
-        "SELECT " OBJ("p") " FROM payment_intents p WHERE public_id = $1 AND account_id = $2", 2,
-        params, intents_on_object, r);
+    pgev_exec(r->api->pg,
+              "SELECT " OBJ("p") " FROM payment_intents p WHERE public_id = $1 AND account_id = $2",
+              2, params, intents_on_object, r);
 }
 
 void
@@ -478,9 +477,9 @@ intents_respond_current(struct api_req *r, int64_t intent_id)
     snprintf(id, sizeof(id), "%lld", (long long)intent_id);
     snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
     const char *params[2] = {id, account};
-    pgev_query(r->api->pg,
-               "SELECT " OBJ("p") " FROM payment_intents p WHERE id = $1 AND account_id = $2", 2,
-               params, intents_on_object, r);
+    pgev_exec(r->api->pg,
+              "SELECT " OBJ("p") " FROM payment_intents p WHERE id = $1 AND account_id = $2", 2,
+              params, intents_on_object, r);
 }
 
 /* ---- update ---- */
@@ -534,25 +533,25 @@ intents_update(struct api_req *r)
                               meta_text,
                               pm,
                               capture};
-    pgev_query(r->api->pg,
-               "WITH cur AS (SELECT id, status FROM payment_intents"
-               "  WHERE public_id = $1 AND account_id = $2 FOR UPDATE),"
-               " upd AS (UPDATE payment_intents p SET"
-               "  amount = coalesce($3::bigint, p.amount),"
-               "  currency = coalesce($4, p.currency),"
-               "  customer = CASE WHEN $5::boolean THEN nullif($6, '') ELSE p.customer END,"
-               "  description = CASE WHEN $7::boolean THEN nullif($8, '') ELSE p.description END,"
-               "  metadata = CASE WHEN $9::boolean THEN '{}'::jsonb"
-               "   ELSE jsonb_strip_nulls(p.metadata || coalesce($10::jsonb, '{}'::jsonb)) END,"
-               "  payment_method = coalesce($11, p.payment_method),"
-               "  capture_method = coalesce($12, p.capture_method),"
-               "  status = CASE WHEN $11 IS NOT NULL AND p.status = 'requires_payment_method'"
-               "   THEN 'requires_confirmation' ELSE p.status END,"
-               "  version = p.version + 1, updated_at = now()"
-               "  FROM cur WHERE p.id = cur.id AND cur.status IN (" OPEN_STATES ")"
-               "  RETURNING p.*)"
-               " SELECT (SELECT status FROM cur), (SELECT " OBJ("upd") " FROM upd)",
-               12, params, intents_on_updated, r);
+    pgev_exec(r->api->pg,
+              "WITH cur AS (SELECT id, status FROM payment_intents"
+              "  WHERE public_id = $1 AND account_id = $2 FOR UPDATE),"
+              " upd AS (UPDATE payment_intents p SET"
+              "  amount = coalesce($3::bigint, p.amount),"
+              "  currency = coalesce($4, p.currency),"
+              "  customer = CASE WHEN $5::boolean THEN nullif($6, '') ELSE p.customer END,"
+              "  description = CASE WHEN $7::boolean THEN nullif($8, '') ELSE p.description END,"
+              "  metadata = CASE WHEN $9::boolean THEN '{}'::jsonb"
+              "   ELSE jsonb_strip_nulls(p.metadata || coalesce($10::jsonb, '{}'::jsonb)) END,"
+              "  payment_method = coalesce($11, p.payment_method),"
+              "  capture_method = coalesce($12, p.capture_method),"
+              "  status = CASE WHEN $11 IS NOT NULL AND p.status = 'requires_payment_method'"
+              "   THEN 'requires_confirmation' ELSE p.status END,"
+              "  version = p.version + 1, updated_at = now()"
+              "  FROM cur WHERE p.id = cur.id AND cur.status IN (" OPEN_STATES ")"
+              "  RETURNING p.*)"
+              " SELECT (SELECT status FROM cur), (SELECT " OBJ("upd") " FROM upd)",
+              12, params, intents_on_updated, r);
     free(meta_text);
 }
 
@@ -597,19 +596,19 @@ intents_confirm(struct api_req *r)
     }
     snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
     const char *params[4] = {r->id, account, pm, capture};
-    pgev_query(r->api->pg,
-               "WITH cur AS (SELECT id, status, payment_method FROM payment_intents"
-               "  WHERE public_id = $1 AND account_id = $2 FOR UPDATE),"
-               " upd AS (UPDATE payment_intents p SET status = 'processing',"
-               "  payment_method = coalesce($3, p.payment_method),"
-               "  capture_method = coalesce($4, p.capture_method), gateway_provider = 'sim',"
-               "  last_payment_error = NULL, next_action = NULL,"
-               "  version = p.version + 1, updated_at = now()"
-               "  FROM cur WHERE p.id = cur.id AND cur.status IN (" OPEN_STATES ")"
-               "  AND coalesce($3, cur.payment_method) IS NOT NULL RETURNING p.*)"
-               " SELECT (SELECT status FROM cur), (SELECT payment_method IS NOT NULL FROM cur),"
-               "  " OBJ("upd") ", " JOB_COLS " FROM (SELECT 1) one LEFT JOIN upd ON true",
-               4, params, intents_on_confirm_started, r);
+    pgev_exec(r->api->pg,
+              "WITH cur AS (SELECT id, status, payment_method FROM payment_intents"
+              "  WHERE public_id = $1 AND account_id = $2 FOR UPDATE),"
+              " upd AS (UPDATE payment_intents p SET status = 'processing',"
+              "  payment_method = coalesce($3, p.payment_method),"
+              "  capture_method = coalesce($4, p.capture_method), gateway_provider = 'sim',"
+              "  last_payment_error = NULL, next_action = NULL,"
+              "  version = p.version + 1, updated_at = now()"
+              "  FROM cur WHERE p.id = cur.id AND cur.status IN (" OPEN_STATES ")"
+              "  AND coalesce($3, cur.payment_method) IS NOT NULL RETURNING p.*)"
+              " SELECT (SELECT status FROM cur), (SELECT payment_method IS NOT NULL FROM cur),"
+              "  " OBJ("upd") ", " JOB_COLS " FROM (SELECT 1) one LEFT JOIN upd ON true",
+              4, params, intents_on_confirm_started, r);
 }
 
 /* ---- capture and cancel of an authorization (worker jobs) ---- */
@@ -676,11 +675,11 @@ intents_capture(struct api_req *r)
     r->state = a;
     snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
     const char *params[2] = {r->id, account};
-    pgev_query(r->api->pg,
-               "SELECT upd.status, " OBJ(
-                   "upd") ", upd.amount_capturable, NULL, " JOB_COLS
-                          " FROM payment_intents upd WHERE public_id = $1 AND account_id = $2",
-               2, params, intents_on_locked, r);
+    pgev_exec(r->api->pg,
+              "SELECT upd.status, " OBJ(
+                  "upd") ", upd.amount_capturable, NULL, " JOB_COLS
+                         " FROM payment_intents upd WHERE public_id = $1 AND account_id = $2",
+              2, params, intents_on_locked, r);
 }
 
 void
@@ -716,7 +715,7 @@ intents_cancel(struct api_req *r)
     const char *params[3] = {r->id, account, reason};
     /* Open intents are canceled here at once; an authorization (requires_capture)
      * must be voided at the gateway first, by a worker. */
-    pgev_query(
+    pgev_exec(
         r->api->pg,
         "WITH cur AS (SELECT id FROM payment_intents"
         "  WHERE public_id = $1 AND account_id = $2 FOR UPDATE),"
@@ -869,7 +868,7 @@ intents_list(struct api_req *r)
              "  AND ($7::text IS NULL OR p.id " cmp " c.id)"                                       \
              "  ORDER BY p.id " order " LIMIT $8)"                                                 \
              " SELECT c.ok, page.obj FROM c LEFT JOIN page ON true ORDER BY page.id " order
-    pgev_query(r->api->pg, backward ? LIST_SQL(">", "ASC") : LIST_SQL("<", "DESC"), 8, params,
-               intents_on_list, r);
+    pgev_exec(r->api->pg, backward ? LIST_SQL(">", "ASC") : LIST_SQL("<", "DESC"), 8, params,
+              intents_on_list, r);
 #undef LIST_SQL
 }

@@ -1,20 +1,22 @@
 /*
  * pgev - PostgreSQL access that never blocks an event loop.
  *
- * Offers pgev_pool_new()/pgev_pool_free(), pgev_query(), pgev_forget() and
- * pgev_pool_connected(). A pool owns a few libpq connections in
- * non-blocking mode; each runs one query at a time, driven by libevent
- * read/write events on its socket. Queries wait in one FIFO queue and go to
- * the first idle connection. A broken connection fails its query with an
- * error (never a hang), is closed, and is re-opened with a doubling delay
- * (100 ms to 5 s); a query that waits in the queue longer than
- * DB_QUEUE_TIMEOUT_MS (no connection up, or too much load) fails, so callers
- * answer 503 quickly instead of piling up. Host names are resolved by libpq during connect:
- * give POSTGRES_HOST as an address when that lookup must not stall.
- * Calls libpq, libevent, config, log, xmalloc.
+ * Offers pgev_pool_new()/pgev_pool_free(), pgev_query(), pgev_exec(),
+ * pgev_forget() and pgev_pool_connected(). pgev_exec() runs a statement
+ * whose text is a string literal as a prepared statement: it is prepared on
+ * each connection the first time that connection runs it (and again after a
+ * reconnect), so the server parses and plans it once, not per call. A pool owns a few libpq
+ * connections in non-blocking mode; each runs one query at a time, driven by libevent read/write
+ * events on its socket. Queries wait in one FIFO queue and go to the first idle connection. A
+ * broken connection fails its query with an error (never a hang), is closed, and is re-opened with
+ * a doubling delay (100 ms to 5 s); a query that waits in the queue longer than DB_QUEUE_TIMEOUT_MS
+ * (no connection up, or too much load) fails, so callers answer 503 quickly instead of piling up.
+ * Host names are resolved by libpq during connect: give POSTGRES_HOST as an address when that
+ * lookup must not stall. Calls libpq, libevent, config, log, xmalloc.
  */
 #include "pgev.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/queue.h>
@@ -27,9 +29,12 @@
 #define PGEV_RETRY_MIN_MS 100
 #define PGEV_RETRY_MAX_MS 5000
 
+#define PGEV_MAX_PREPARED 64
+
 struct pgev_query {
     TAILQ_ENTRY(pgev_query) link;
     unsigned long id;
+    int stmt; /* index of a prepared statement, or -1 */
     char *sql;
     int nparams;
     char **params;
@@ -52,6 +57,8 @@ struct pgev_conn {
     int retry_ms;
     struct pgev_query *q;
     PGresult *last;
+    uint64_t prepared; /* bit n: statement n is prepared on this connection */
+    bool preparing;    /* the PREPARE of q's statement is in flight */
 };
 
 struct pgev_pool {
@@ -66,11 +73,14 @@ struct pgev_pool {
     struct event *sweep; /* fails queries that waited too long */
     bool closing;
     int64_t queue_timeout_ms;
+    const char *statements[PGEV_MAX_PREPARED]; /* static SQL, by statement index */
+    int nstatements;
 };
 
 static void pgev_conn_start(struct pgev_conn *c);
 static void pgev_on_socket(evutil_socket_t fd, short what, void *arg);
 static void pgev_dispatch(struct pgev_pool *pool);
+static void pgev_send(struct pgev_conn *c, struct pgev_query *q);
 
 void
 pgev_conninfo(const struct config *cfg, const char **keys, const char **vals, int cap)
@@ -157,6 +167,8 @@ pgev_conn_fail(struct pgev_conn *c, const char *why)
         c->pg = NULL;
     }
     c->state = CONN_DOWN;
+    c->prepared = 0;
+    c->preparing = false;
     if (c->q) {
         struct pgev_query *q = c->q;
         c->q = NULL;
@@ -217,12 +229,25 @@ pgev_read(struct pgev_conn *c)
         }
         struct pgev_query *q = c->q;
         PGresult *last = c->last;
-        c->q = NULL;
         c->last = NULL;
+        if (c->preparing) {
+            /* The statement is prepared: now run the query itself. */
+            bool ok = last && PQresultStatus(last) == PGRES_COMMAND_OK;
+            c->preparing = false;
+            if (ok) {
+                PQclear(last);
+                c->prepared |= UINT64_C(1) << q->stmt;
+                pgev_send(c, q);
+                continue;
+            }
+        }
+        c->q = NULL;
         c->state = CONN_IDLE;
         pgev_complete(q, last, last ? NULL : "no result");
         PQclear(last);
     }
+    if (c->state == CONN_DOWN)
+        return; /* failed while sending the prepared query */
     if (PQstatus(c->pg) == CONNECTION_BAD) {
         pgev_conn_fail(c, "connection closed");
         return;
@@ -286,13 +311,29 @@ pgev_on_retry(evutil_socket_t fd, short what, void *arg)
     pgev_conn_start(arg);
 }
 
+/* Sends q: a plain query, or a prepared statement (first preparing it on
+ * this connection when it is not yet, which costs one round trip once). */
 static void
 pgev_send(struct pgev_conn *c, struct pgev_query *q)
 {
+    int ok;
+    char name[16];
     c->q = q;
     c->state = CONN_BUSY;
-    if (!PQsendQueryParams(c->pg, q->sql, q->nparams, NULL, (const char *const *)q->params, NULL,
-                           NULL, 0)) {
+    if (q->stmt < 0) {
+        ok = PQsendQueryParams(c->pg, q->sql, q->nparams, NULL, (const char *const *)q->params,
+                               NULL, NULL, 0);
+    } else {
+        snprintf(name, sizeof(name), "pgev_%d", q->stmt);
+        if (c->prepared & (UINT64_C(1) << q->stmt)) {
+            ok = PQsendQueryPrepared(c->pg, name, q->nparams, (const char *const *)q->params, NULL,
+                                     NULL, 0);
+        } else {
+            c->preparing = true;
+            ok = PQsendPrepare(c->pg, name, c->pool->statements[q->stmt], q->nparams, NULL);
+        }
+    }
+    if (!ok) {
         pgev_conn_fail(c, "send failed");
         return;
     }
@@ -360,13 +401,14 @@ pgev_pool_new(struct event_base *base, const struct config *cfg, int size)
     return pool;
 }
 
-unsigned long
-pgev_query(struct pgev_pool *pool, const char *sql, int nparams, const char *const *params,
-           pgev_cb cb, void *arg)
+static unsigned long
+pgev_enqueue(struct pgev_pool *pool, int stmt, const char *sql, int nparams,
+             const char *const *params, pgev_cb cb, void *arg)
 {
     struct pgev_query *q = xcalloc(1, sizeof(*q));
     q->id = ++pool->next_id;
-    q->sql = xstrdup(sql);
+    q->stmt = stmt;
+    q->sql = stmt < 0 ? xstrdup(sql) : NULL;
     q->nparams = nparams;
     q->params = xcalloc((size_t)(nparams ? nparams : 1), sizeof(char *));
     for (int i = 0; i < nparams; i++)
@@ -385,6 +427,29 @@ pgev_query(struct pgev_pool *pool, const char *sql, int nparams, const char *con
     pool->queued++;
     pgev_dispatch(pool);
     return q->id;
+}
+
+unsigned long
+pgev_query(struct pgev_pool *pool, const char *sql, int nparams, const char *const *params,
+           pgev_cb cb, void *arg)
+{
+    return pgev_enqueue(pool, -1, sql, nparams, params, cb, arg);
+}
+
+unsigned long
+pgev_exec(struct pgev_pool *pool, const char *static_sql, int nparams, const char *const *params,
+          pgev_cb cb, void *arg)
+{
+    /* Statements are known by their address: the caller's string literal. */
+    int stmt;
+    for (stmt = 0; stmt < pool->nstatements && pool->statements[stmt] != static_sql; stmt++)
+        ;
+    if (stmt == pool->nstatements) {
+        if (pool->nstatements == PGEV_MAX_PREPARED)
+            return pgev_enqueue(pool, -1, static_sql, nparams, params, cb, arg);
+        pool->statements[pool->nstatements++] = static_sql;
+    }
+    return pgev_enqueue(pool, stmt, NULL, nparams, params, cb, arg);
 }
 
 void

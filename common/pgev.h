@@ -21,6 +21,11 @@ void pgev_pool_free(struct pgev_pool *pool);
  * later, on the loop. Returns an id usable with pgev_forget(). */
 unsigned long pgev_query(struct pgev_pool *pool, const char *sql, int nparams,
                          const char *const *params, pgev_cb cb, void *arg);
+/* Like pgev_query() for SQL with static storage (a string literal): runs it
+ * as a prepared statement, prepared once per connection. */
+unsigned long pgev_exec(struct pgev_pool *pool, const char *static_sql, int nparams,
+                        const char *const *params, pgev_cb cb, void *arg);
+
 /* The caller no longer wants the answer of query id: its callback is not called. */
 void pgev_forget(struct pgev_pool *pool, unsigned long id);
 

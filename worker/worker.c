@@ -108,9 +108,9 @@ job_reply_current(struct job *j)
     char id[24];
     snprintf(id, sizeof(id), "%lld", (long long)j->intent_id);
     const char *params[1] = {id};
-    pgev_query(j->w->pg,
-               "SELECT payment_intent_object(p)::text FROM payment_intents p WHERE id = $1", 1,
-               params, job_on_current, j);
+    pgev_exec(j->w->pg,
+              "SELECT payment_intent_object(p)::text FROM payment_intents p WHERE id = $1", 1,
+              params, job_on_current, j);
 }
 
 /* ---- recording the outcome ---- */
@@ -199,29 +199,29 @@ job_record(struct job *j, const struct outcome *o, const char *charge_id)
                               o->failure_message,
                               o->event,
                               j->w->gw->name};
-    pgev_query(j->w->pg,
-               "WITH upd AS (UPDATE payment_intents p SET status = $3,"
-               "  amount_received = coalesce($4::bigint, p.amount_received),"
-               "  amount_capturable = coalesce($5::bigint, p.amount_capturable),"
-               "  last_payment_error = $6::jsonb, next_action = $7::jsonb,"
-               "  gateway_intent_id = coalesce(p.gateway_intent_id, $8),"
-               "  latest_charge = coalesce($8, p.latest_charge),"
-               "  cancellation_reason = coalesce($9, p.cancellation_reason),"
-               "  canceled_at = CASE WHEN $3 = 'canceled' THEN now() ELSE p.canceled_at END,"
-               "  version = p.version + 1, updated_at = now()"
-               "  WHERE p.id = $1 AND p.version = $2 RETURNING p.*),"
-               " tx AS (INSERT INTO payment_transactions (transaction_id, payment_intent_id, type,"
-               "  status, amount, currency, gateway_provider, gateway_transaction_id, failure_code,"
-               "  failure_message, processed_at)"
-               "  SELECT $10, upd.id, $11, $12, $13::bigint, upd.currency, $17, $8, $14, $15, now()"
-               "  FROM upd RETURNING 1),"
-               " ev AS (SELECT outbox_event(upd.account_id, $16,"
-               "  payment_intent_object(ROW(upd.*)::payment_intents), upd.public_id) FROM upd)"
-               " SELECT payment_intent_object(ROW(upd.*)::payment_intents)::text,"
-               "  (SELECT count(*) FROM tx), (SELECT count(*) FROM ev), upd.status,"
-               "  (extract(epoch FROM clock_timestamp() - upd.created_at) * 1000000)::bigint,"
-               "  upd.amount_received FROM upd",
-               17, params, job_on_recorded, j);
+    pgev_exec(j->w->pg,
+              "WITH upd AS (UPDATE payment_intents p SET status = $3,"
+              "  amount_received = coalesce($4::bigint, p.amount_received),"
+              "  amount_capturable = coalesce($5::bigint, p.amount_capturable),"
+              "  last_payment_error = $6::jsonb, next_action = $7::jsonb,"
+              "  gateway_intent_id = coalesce(p.gateway_intent_id, $8),"
+              "  latest_charge = coalesce($8, p.latest_charge),"
+              "  cancellation_reason = coalesce($9, p.cancellation_reason),"
+              "  canceled_at = CASE WHEN $3 = 'canceled' THEN now() ELSE p.canceled_at END,"
+              "  version = p.version + 1, updated_at = now()"
+              "  WHERE p.id = $1 AND p.version = $2 RETURNING p.*),"
+              " tx AS (INSERT INTO payment_transactions (transaction_id, payment_intent_id, type,"
+              "  status, amount, currency, gateway_provider, gateway_transaction_id, failure_code,"
+              "  failure_message, processed_at)"
+              "  SELECT $10, upd.id, $11, $12, $13::bigint, upd.currency, $17, $8, $14, $15, now()"
+              "  FROM upd RETURNING 1),"
+              " ev AS (SELECT outbox_event(upd.account_id, $16,"
+              "  payment_intent_object(ROW(upd.*)::payment_intents), upd.public_id) FROM upd)"
+              " SELECT payment_intent_object(ROW(upd.*)::payment_intents)::text,"
+              "  (SELECT count(*) FROM tx), (SELECT count(*) FROM ev), upd.status,"
+              "  (extract(epoch FROM clock_timestamp() - upd.created_at) * 1000000)::bigint,"
+              "  upd.amount_received FROM upd",
+              17, params, job_on_recorded, j);
 }
 
 static char *
@@ -483,8 +483,8 @@ worker_on_message(void *arg, struct nngev_job *nj, nng_msg *msg)
     char id[24];
     snprintf(id, sizeof(id), "%lld", (long long)j->intent_id);
     const char *params[1] = {id};
-    pgev_query(w->pg, "SELECT gateway_intent_id FROM payment_intents WHERE id = $1", 1, params,
-               job_on_charge_id, j);
+    pgev_exec(w->pg, "SELECT gateway_intent_id FROM payment_intents WHERE id = $1", 1, params,
+              job_on_charge_id, j);
 }
 
 int
