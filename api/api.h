@@ -29,6 +29,16 @@ struct api {
     int64_t confirm_wait_ms;
 };
 
+/* A list request's page (lists.c). */
+struct list_query {
+    int64_t limit;
+    const char *after, *before, *cursor;
+    bool backward;
+    char created[4][24];  /* gte, gt, lte, lt as text */
+    const char *bound[4]; /* the same, NULL when absent (query parameters) */
+    char fetch[24];       /* limit + 1 */
+};
+
 struct api_req;
 typedef void (*api_handler)(struct api_req *r);
 
@@ -57,9 +67,9 @@ struct api_req {
     bool not_executed; /* refused before executing: the answer is not kept for the key */
     /* handler state */
     struct event *timer;
-    char *pending_body; /* the answer to give if the worker does not answer in time */
-    void *state;        /* a handler's parsed arguments between two callbacks */
-    int64_t list_limit; /* list: page size, negative when walking backwards */
+    char *pending_body;     /* the answer to give if the worker does not answer in time */
+    void *state;            /* a handler's parsed arguments between two callbacks */
+    struct list_query list; /* list endpoints: the page asked for */
     bool responded;
     int refs; /* callbacks that may still arrive for this request */
 };
@@ -88,6 +98,36 @@ void auth_lookup(struct api_req *r, const char *key, auth_cb cb);
 /* idem.c */
 void idem_begin(struct api_req *r);
 void idem_finish(struct api_req *r, int status, const char *body);
+
+/* lists.c */
+int lists_parse(const json_t *params, struct list_query *lq, struct params_error *err);
+/* res: one row (cursor_ok, NULL) for an empty page, else (cursor_ok, object text) per row. */
+void lists_respond(struct api_req *r, PGresult *res, const struct list_query *lq, const char *what,
+                   const char *url);
+
+/* One keyset page of table for account $1, newest first ("<", "DESC") or
+ * walking back from a cursor (">", "ASC"). Parameters: $1 account, $2 the
+ * resource's own filter (filter_sql, true when $2 IS NULL), $3..$6 created
+ * gte/gt/lte/lt (unix seconds), $7 the cursor's public id, $8 rows to fetch.
+ * Columns: whether the cursor exists, then the object text. */
+#define LISTS_SQL(table, public_col, obj, filter_sql, cmp, order)                                  \
+    "WITH c AS (SELECT $7::text IS NULL OR EXISTS (SELECT 1 FROM " table "  WHERE " public_col     \
+    " = $7 AND account_id = $1) AS ok,"                                                            \
+    "  (SELECT id FROM " table " WHERE " public_col " = $7 AND account_id = $1) AS id),"           \
+    " page AS (SELECT " obj " AS obj, p.id FROM " table " p, c"                                    \
+    "  WHERE p.account_id = $1 AND c.ok"                                                           \
+    "  AND ($2::text IS NULL OR " filter_sql ")"                                                   \
+    "  AND ($3::bigint IS NULL OR p.created_at >= to_timestamp($3))"                               \
+    "  AND ($4::bigint IS NULL OR p.created_at >= to_timestamp($4 + 1))"                           \
+    "  AND ($5::bigint IS NULL OR p.created_at < to_timestamp($5 + 1))"                            \
+    "  AND ($6::bigint IS NULL OR p.created_at < to_timestamp($6))"                                \
+    "  AND ($7::text IS NULL OR p.id " cmp " c.id)"                                                \
+    "  ORDER BY p.id " order " LIMIT $8)"                                                          \
+    " SELECT c.ok, page.obj FROM c LEFT JOIN page ON true ORDER BY page.id " order
+
+/* events.c */
+void events_list(struct api_req *r);
+void events_retrieve(struct api_req *r);
 
 /* intents.c */
 void intents_create(struct api_req *r);

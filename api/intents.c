@@ -740,135 +740,29 @@ static void
 intents_on_list(void *arg, PGresult *res, const char *err)
 {
     struct api_req *r = arg;
-    if (!intents_ok(r, res, err))
-        return;
-    int64_t limit = r->list_limit;
-    bool backward = limit < 0;
-    if (backward)
-        limit = -limit;
-    int n = PQntuples(res);
-    if (n >= 1 && strcmp(PQgetvalue(res, 0, 0), "f") == 0) {
-        struct params_error e;
-        params_fail(&e, 400, "resource_missing", backward ? "ending_before" : "starting_after",
-                    "No such payment_intent for the list cursor.");
-        v1_params_error(r, &e);
-        return;
-    }
-    int rows = (n == 1 && PQgetisnull(res, 0, 1)) ? 0 : n;
-    bool has_more = rows > limit;
-    if (has_more)
-        rows = (int)limit;
-    struct evbuffer *buf = evbuffer_new();
-    evbuffer_add_printf(buf, "{\"object\":\"list\",\"data\":[");
-    for (int i = 0; i < rows; i++) {
-        int at = backward ? rows - 1 - i : i; /* backward pages come oldest first */
-        evbuffer_add_printf(buf, "%s%s", i ? "," : "", PQgetvalue(res, at, 1));
-    }
-    evbuffer_add_printf(buf, "],\"has_more\":%s,\"url\":\"/v1/payment_intents\"}",
-                        has_more ? "true" : "false");
-    size_t len = evbuffer_get_length(buf);
-    char *text = xmalloc(len + 1);
-    evbuffer_remove(buf, text, len);
-    text[len] = '\0';
-    evbuffer_free(buf);
-    v1_respond(r, 200, text);
-    free(text);
-}
-
-static int
-intents_created_filter(const json_t *params, char bounds[4][24], struct params_error *err)
-{
-    static const char *const ops[4] = {"gte", "gt", "lte", "lt"};
-    json_t *c = json_object_get(params, "created");
-    int64_t v;
-    if (!c)
-        return 0;
-    if (json_is_integer(c) || json_is_string(c)) {
-        if (params_int(params, "created", &v, err) < 0)
-            return -1;
-        snprintf(bounds[0], 24, "%lld", (long long)v);
-        snprintf(bounds[2], 24, "%lld", (long long)v);
-        return 0;
-    }
-    if (!json_is_object(c))
-        goto bad;
-    const char *k;
-    json_t *val;
-    json_object_foreach(c, k, val)
-    {
-        int i;
-        for (i = 0; i < 4 && strcmp(ops[i], k) != 0; i++)
-            ;
-        if (i == 4 || params_int(c, k, &v, err) < 0)
-            goto bad;
-        snprintf(bounds[i], 24, "%lld", (long long)v);
-    }
-    return 0;
-bad:
-    params_fail(err, 400, "parameter_invalid", "created",
-                "Invalid created: use created[gte], created[gt], created[lte] or created[lt] "
-                "with unix timestamps.");
-    return -1;
+    if (intents_ok(r, res, err))
+        lists_respond(r, res, &r->list, "payment_intent", "/v1/payment_intents");
 }
 
 void
 intents_list(struct api_req *r)
 {
     struct params_error e;
-    int64_t limit = 10;
-    const char *after = NULL, *before = NULL, *customer = NULL;
-    char bounds[4][24] = {"", "", "", ""}, account[24], lim[24];
-    int rc;
+    const char *customer = NULL;
+    char account[24];
+    struct list_query *lq = &r->list;
 
-    if (params_only(r->params, list_params, &e) < 0 ||
-        (rc = params_int(r->params, "limit", &limit, &e)) < 0 ||
-        params_str(r->params, "starting_after", 80, &after, &e) < 0 ||
-        params_str(r->params, "ending_before", 80, &before, &e) < 0 ||
-        params_str(r->params, "customer", 255, &customer, &e) < 0 ||
-        intents_created_filter(r->params, bounds, &e) < 0) {
+    if (params_only(r->params, list_params, &e) < 0 || lists_parse(r->params, lq, &e) < 0 ||
+        params_str(r->params, "customer", 255, &customer, &e) < 0) {
         v1_params_error(r, &e);
         return;
     }
-    if (limit < 1 || limit > 100) {
-        params_fail(&e, 400, "parameter_invalid", "limit",
-                    "Invalid limit: must be between 1 and 100.");
-        v1_params_error(r, &e);
-        return;
-    }
-    if (after && before) {
-        params_fail(&e, 400, "parameter_invalid", "ending_before",
-                    "starting_after and ending_before cannot be used together.");
-        v1_params_error(r, &e);
-        return;
-    }
-    bool backward = before != NULL;
-    r->list_limit = backward ? -limit : limit;
     snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
-    snprintf(lim, sizeof(lim), "%lld", (long long)limit + 1);
-    const char *params[8] = {account,
-                             customer,
-                             bounds[0][0] ? bounds[0] : NULL,
-                             bounds[1][0] ? bounds[1] : NULL,
-                             bounds[2][0] ? bounds[2] : NULL,
-                             bounds[3][0] ? bounds[3] : NULL,
-                             backward ? before : after,
-                             lim};
-#define LIST_SQL(cmp, order)                                                                       \
-    "WITH c AS (SELECT $7::text IS NULL OR EXISTS (SELECT 1 FROM payment_intents"                  \
-    "  WHERE public_id = $7 AND account_id = $1) AS ok,"                                           \
-    "  (SELECT id FROM payment_intents WHERE public_id = $7 AND account_id = $1) AS id),"          \
-    " page AS (SELECT " OBJ(                                                                       \
-        "p") " AS obj, p.id FROM payment_intents p, c"                                             \
-             "  WHERE p.account_id = $1 AND c.ok"                                                  \
-             "  AND ($2::text IS NULL OR p.customer = $2)"                                         \
-             "  AND ($3::bigint IS NULL OR p.created_at >= to_timestamp($3))"                      \
-             "  AND ($4::bigint IS NULL OR p.created_at >= to_timestamp($4 + 1))"                  \
-             "  AND ($5::bigint IS NULL OR p.created_at < to_timestamp($5 + 1))"                   \
-             "  AND ($6::bigint IS NULL OR p.created_at < to_timestamp($6))"                       \
-             "  AND ($7::text IS NULL OR p.id " cmp " c.id)"                                       \
-             "  ORDER BY p.id " order " LIMIT $8)"                                                 \
-             " SELECT c.ok, page.obj FROM c LEFT JOIN page ON true ORDER BY page.id " order
-    pgev_exec(r->api->pg, backward ? LIST_SQL(">", "ASC") : LIST_SQL("<", "DESC"), 8, params,
-              intents_on_list, r);
-#undef LIST_SQL
+    const char *params[8] = {account,      customer,     lq->bound[0], lq->bound[1],
+                             lq->bound[2], lq->bound[3], lq->cursor,   lq->fetch};
+#define INTENTS_PAGE(cmp, order)                                                                   \
+    LISTS_SQL("payment_intents", "public_id", OBJ("p"), "p.customer = $2", cmp, order)
+    pgev_exec(r->api->pg, lq->backward ? INTENTS_PAGE(">", "ASC") : INTENTS_PAGE("<", "DESC"), 8,
+              params, intents_on_list, r);
+#undef INTENTS_PAGE
 }

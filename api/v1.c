@@ -50,6 +50,8 @@ static const struct route v1_routes[] = {
      intents_capture, MR_PI_CAPTURE},
     {EVHTTP_REQ_POST, "payment_intents", true, "cancel", "payment_intents.cancel", intents_cancel,
      MR_PI_CANCEL},
+    {EVHTTP_REQ_GET, "events", false, NULL, "events.list", events_list, MR_EVENTS_LIST},
+    {EVHTTP_REQ_GET, "events", true, NULL, "events.retrieve", events_retrieve, MR_EVENTS_RETRIEVE},
 };
 
 void

@@ -40,6 +40,8 @@ static const char *const route_names[MR__COUNT] = {
     [MR_PI_CONFIRM] = "payment_intents.confirm",
     [MR_PI_CAPTURE] = "payment_intents.capture",
     [MR_PI_CANCEL] = "payment_intents.cancel",
+    [MR_EVENTS_LIST] = "events.list",
+    [MR_EVENTS_RETRIEVE] = "events.retrieve",
     [MR_OTHER] = "other",
 };
 

@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 #define SHM_MAGIC          0x50415944u /* "PAYD" */
-#define SHM_LAYOUT_VERSION 2u
+#define SHM_LAYOUT_VERSION 3u
 #define SHM_MAX_SLOTS      72 /* supervisor + 32 api + 32 workers + outbox + exporter + spare */
 
 enum role_kind { ROLE_SUPERVISOR, ROLE_API, ROLE_WORKER, ROLE_OUTBOX, ROLE_EXPORTER, ROLE__COUNT };
@@ -49,6 +49,8 @@ enum metric_route {
     MR_PI_CONFIRM,
     MR_PI_CAPTURE,
     MR_PI_CANCEL,
+    MR_EVENTS_LIST,
+    MR_EVENTS_RETRIEVE,
     MR_OTHER,
     MR__COUNT
 };

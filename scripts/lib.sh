@@ -17,9 +17,10 @@ PACKAGES=(
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
-# Installs the packages that are missing, without starting their services.
+# Installs the packages that are missing (the common list plus any named as
+# arguments), without starting their services.
 ensure_packages() {
-  local missing=() p wanted=("${PACKAGES[@]}")
+  local missing=() p wanted=("${PACKAGES[@]}" "$@")
   # The Stripe client test runs on Node.js; a machine that has node already keeps it.
   command -v node >/dev/null 2>&1 || wanted+=(nodejs)
   command -v npm >/dev/null 2>&1 || wanted+=(npm)

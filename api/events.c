@@ -1,0 +1,84 @@
+/*
+ * events - the events API: GET /v1/events (newest first, keyset pages,
+ * filters type and created) and GET /v1/events/:id, in Stripe's event shape
+ * (evt_..., type, created, data.object). Events are the outbox rows that
+ * every state change writes in its own transaction, so the list is exactly
+ * what happened, scoped to the caller's account. Offers events_list() and
+ * events_retrieve(). Calls api, lists, pgev.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "api.h"
+
+static const char *const list_params[] = {
+    "limit", "starting_after", "ending_before", "type", "created", "expand", NULL};
+
+static void
+events_on_list(void *arg, PGresult *res, const char *err)
+{
+    struct api_req *r = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        v1_db_error(r, err ? err : PQresultErrorMessage(res));
+        return;
+    }
+    lists_respond(r, res, &r->list, "event", "/v1/events");
+}
+
+void
+events_list(struct api_req *r)
+{
+    struct params_error e;
+    const char *type = NULL;
+    char account[24];
+    struct list_query *lq = &r->list;
+
+    if (params_only(r->params, list_params, &e) < 0 || lists_parse(r->params, lq, &e) < 0 ||
+        params_str(r->params, "type", 100, &type, &e) < 0) {
+        v1_params_error(r, &e);
+        return;
+    }
+    snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
+    const char *params[8] = {account,      type,         lq->bound[0], lq->bound[1],
+                             lq->bound[2], lq->bound[3], lq->cursor,   lq->fetch};
+#define EVENTS_PAGE(cmp, order)                                                                    \
+    LISTS_SQL("outbox", "event_id", "p.payload::text", "p.type = $2", cmp, order)
+    pgev_exec(r->api->pg, lq->backward ? EVENTS_PAGE(">", "ASC") : EVENTS_PAGE("<", "DESC"), 8,
+              params, events_on_list, r);
+#undef EVENTS_PAGE
+}
+
+static void
+events_on_one(void *arg, PGresult *res, const char *err)
+{
+    struct api_req *r = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        v1_db_error(r, err ? err : PQresultErrorMessage(res));
+        return;
+    }
+    if (PQntuples(res) == 0) {
+        char msg[160];
+        snprintf(msg, sizeof(msg), "No such event: '%.80s'", r->id);
+        r->not_executed = true;
+        v1_error(r, 404, "invalid_request_error", "resource_missing", msg, "id");
+        return;
+    }
+    v1_respond(r, 200, PQgetvalue(res, 0, 0));
+}
+
+void
+events_retrieve(struct api_req *r)
+{
+    static const char *const allowed[] = {"expand", NULL};
+    struct params_error e;
+    char account[24];
+    if (params_only(r->params, allowed, &e) < 0) {
+        v1_params_error(r, &e);
+        return;
+    }
+    snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
+    const char *params[2] = {r->id, account};
+    pgev_exec(r->api->pg,
+              "SELECT payload::text FROM outbox WHERE event_id = $1 AND account_id = $2", 2, params,
+              events_on_one, r);
+}
