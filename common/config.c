@@ -91,6 +91,13 @@ static const struct config_desc config_keys[CFG__COUNT] = {
                                 OFF(worker_concurrency), false, false},
     [CFG_DB_QUEUE_TIMEOUT_MS] = {"DB_QUEUE_TIMEOUT_MS", T_DURATION, "2000", 10, 600000, 1,
                                  OFF(db_queue_timeout_ms), false, false},
+    [CFG_EVENTS_URL] = {"EVENTS_URL", T_STRING, NULL, 6, 300, 0, OFF(events_url), false, false},
+    [CFG_OUTBOX_POLL_MS] = {"OUTBOX_POLL_MS", T_DURATION, "1000", 10, 600000, 1,
+                            OFF(outbox_poll_ms), false, false},
+    [CFG_OUTBOX_LEASE_MS] = {"OUTBOX_LEASE_MS", T_DURATION, "30000", 100, 3600000, 1,
+                             OFF(outbox_lease_ms), false, false},
+    [CFG_OUTBOX_START_DELAY_MS] = {"OUTBOX_START_DELAY_MS", T_DURATION, "1000", 0, 60000, 1,
+                                   OFF(outbox_start_delay_ms), false, false},
 };
 
 const char *

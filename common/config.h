@@ -40,6 +40,10 @@ enum config_key {
     CFG_GATEWAY_TIMEOUT_MS,
     CFG_WORKER_CONCURRENCY,
     CFG_DB_QUEUE_TIMEOUT_MS,
+    CFG_EVENTS_URL,
+    CFG_OUTBOX_POLL_MS,
+    CFG_OUTBOX_LEASE_MS,
+    CFG_OUTBOX_START_DELAY_MS,
     CFG__COUNT
 };
 
@@ -77,6 +81,10 @@ struct config {
     int64_t gateway_timeout_ms;
     int worker_concurrency;
     int64_t db_queue_timeout_ms;
+    const char *events_url; /* NULL: ipc://RUN_DIR/events.ipc */
+    int64_t outbox_poll_ms;
+    int64_t outbox_lease_ms;
+    int64_t outbox_start_delay_ms;
 };
 
 /* Loads the configuration: defaults, then the environment, then the file at

@@ -88,6 +88,7 @@ int envelope_get_bool(const msgpack_object *map, const char *key, bool *out);
 #define MSG_CTL_REPLY "ctl.reply"
 #define MSG_JOB       "job.request" /* api -> worker: a gateway job */
 #define MSG_JOB_REPLY "job.reply"   /* worker -> api: the intent after the job */
+#define MSG_EVENT     "event"       /* outbox -> subscribers: one Stripe-shaped event */
 
 bool envelope_type_known(const char *type);
 

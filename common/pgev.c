@@ -75,12 +75,28 @@ struct pgev_pool {
     int64_t queue_timeout_ms;
     const char *statements[PGEV_MAX_PREPARED]; /* static SQL, by statement index */
     int nstatements;
+    const char *init_sql; /* run first on every new connection (LISTEN ...) */
+    pgev_notify_cb notify_cb;
+    void *notify_arg;
 };
 
 static void pgev_conn_start(struct pgev_conn *c);
 static void pgev_on_socket(evutil_socket_t fd, short what, void *arg);
 static void pgev_dispatch(struct pgev_pool *pool);
 static void pgev_send(struct pgev_conn *c, struct pgev_query *q);
+
+static void
+pgev_init_done(void *arg, PGresult *res, const char *err)
+{
+    struct pgev_pool *pool = arg;
+    if (!res || PQresultStatus(res) != PGRES_COMMAND_OK)
+        log_warn("postgres: connection set-up statement failed: %s",
+                 err ? err : PQresultErrorMessage(res));
+    /* Whether a fresh connection was set up is also worth a wake-up: work may
+     * have arrived while it was down. */
+    if (pool->notify_cb)
+        pool->notify_cb(pool->notify_arg, "", "");
+}
 
 void
 pgev_conninfo(const struct config *cfg, const char **keys, const char **vals, int cap)
@@ -199,6 +215,18 @@ pgev_connect_poll(struct pgev_conn *c)
         c->state = CONN_IDLE;
         c->retry_ms = PGEV_RETRY_MIN_MS;
         pgev_conn_event(c, EV_READ | EV_PERSIST);
+        if (c->pool->init_sql) {
+            /* Ahead of anything queued: a LISTEN must be in place before the
+             * first query, or a notification could slip between them. */
+            struct pgev_query *q = xcalloc(1, sizeof(*q));
+            q->stmt = -1;
+            q->sql = xstrdup(c->pool->init_sql);
+            q->params = xcalloc(1, sizeof(char *));
+            q->cb = pgev_init_done;
+            q->arg = c->pool;
+            pgev_send(c, q);
+            return;
+        }
         pgev_dispatch(c->pool);
         return;
     default: {
@@ -252,10 +280,13 @@ pgev_read(struct pgev_conn *c)
         pgev_conn_fail(c, "connection closed");
         return;
     }
-    /* Drop notices and notifications nobody asked for. */
+    /* Hand notifications to whoever asked; drop them otherwise. */
     PGnotify *n;
-    while ((n = PQnotifies(c->pg)) != NULL)
+    while ((n = PQnotifies(c->pg)) != NULL) {
+        if (c->pool->notify_cb)
+            c->pool->notify_cb(c->pool->notify_arg, n->relname, n->extra);
         PQfreemem(n);
+    }
     if (c->state == CONN_IDLE)
         pgev_dispatch(c->pool);
 }
@@ -467,6 +498,14 @@ pgev_forget(struct pgev_pool *pool, unsigned long id)
         if (pool->conns[i].q && pool->conns[i].q->id == id)
             pool->conns[i].q->forgotten = true;
     }
+}
+
+void
+pgev_pool_on_connect(struct pgev_pool *pool, const char *static_sql, pgev_notify_cb cb, void *arg)
+{
+    pool->init_sql = static_sql;
+    pool->notify_cb = cb;
+    pool->notify_arg = arg;
 }
 
 int

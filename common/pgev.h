@@ -29,6 +29,15 @@ unsigned long pgev_exec(struct pgev_pool *pool, const char *static_sql, int npar
 /* The caller no longer wants the answer of query id: its callback is not called. */
 void pgev_forget(struct pgev_pool *pool, unsigned long id);
 
+/* Called for each NOTIFY received (channel, payload), and with an empty
+ * channel each time a connection has been (re)established. */
+typedef void (*pgev_notify_cb)(void *arg, const char *channel, const char *payload);
+
+/* Runs static_sql (e.g. "LISTEN outbox") first on every new connection and
+ * delivers notifications to cb. Call before the loop runs. */
+void pgev_pool_on_connect(struct pgev_pool *pool, const char *static_sql, pgev_notify_cb cb,
+                          void *arg);
+
 /* Number of connections currently established. */
 int pgev_pool_connected(const struct pgev_pool *pool);
 

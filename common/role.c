@@ -39,6 +39,15 @@ role_url(const struct config *cfg, enum role_kind role, int index, char *buf, si
 }
 
 void
+role_events_url(const struct config *cfg, char *buf, size_t cap)
+{
+    if (cfg->events_url)
+        snprintf(buf, cap, "%s", cfg->events_url);
+    else
+        snprintf(buf, cap, "ipc://%s/events.ipc", cfg->run_dir);
+}
+
+void
 role_control_url(const struct config *cfg, char *buf, size_t cap)
 {
     snprintf(buf, cap, "ipc://%s/control.ipc", cfg->run_dir);

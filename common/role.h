@@ -50,6 +50,8 @@ struct shm_metrics *role_metrics(struct role_ctx *ctx);
 /* ipc:// URL of a role's own REP socket. */
 void role_url(const struct config *cfg, enum role_kind role, int index, char *buf, size_t cap);
 void role_control_url(const struct config *cfg, char *buf, size_t cap);
+/* Where the outbox publishes events: EVENTS_URL, or ipc://RUN_DIR/events.ipc. */
+void role_events_url(const struct config *cfg, char *buf, size_t cap);
 
 /* Answers a ping envelope with a pong naming this process; NULL for anything else. */
 nng_msg *role_answer_ping(struct role_ctx *ctx, const void *data, size_t len);

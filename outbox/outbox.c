@@ -1,25 +1,242 @@
 /*
- * outbox - the event publishing and maintenance role.
+ * outbox - the event publishing role (and, later, the maintenance sweeps).
  *
- * Offers outbox_main(), run by role_run() in the single outbox process. It
- * runs its libevent loop, heartbeats through the role runtime and answers
- * pings on ipc://RUN_DIR/outbox.0.ipc so that operators and tests can check
- * it is alive. Publishing outbox rows and the maintenance sweeps arrive with
- * the outbox issue. Calls common/ only.
+ * Offers outbox_main(), run by role_run() in the outbox process. Every
+ * state change writes its event into the outbox table in the same
+ * transaction; this role gets each of them out, at least once:
+ *   - it wakes on PostgreSQL's NOTIFY (a trigger on insert) and also polls
+ *     every OUTBOX_POLL_MS, so a lost notification only delays;
+ *   - it claims a batch with FOR UPDATE SKIP LOCKED, taking only the oldest
+ *     pending event of each payment, so that two dispatchers (two hosts)
+ *     can run side by side and events of one payment still go out in order;
+ *     a claim is a lease (OUTBOX_LEASE_MS): a dispatcher that dies after
+ *     claiming or publishing leaves the rows to be claimed again, and they
+ *     are published again with the same event id;
+ *   - it publishes each event on an NNG PUB socket (EVENTS_URL), the
+ *     message being the event type, a NUL byte, then a msgpack envelope of
+ *     type "event" whose body carries the event JSON, so subscribers filter
+ *     by type with NNG's prefix subscriptions;
+ *   - only then does it mark the rows sent; a failed publish is retried
+ *     after an exponential back-off with full jitter;
+ *   - PUB drops what it sends while a subscriber is not connected, and
+ *     subscribers re-dial a restarted dispatcher only after a moment: the
+ *     first publish waits OUTBOX_START_DELAY_MS after the socket is
+ *     listening, so a restart does not send the backlog into the void.
+ * Everything runs on the role's libevent loop: PostgreSQL through pgev,
+ * NNG sends are non-blocking. Calls common/ only.
  */
+#include <event2/buffer.h>
 #include <nng/nng.h>
+#include <nng/protocol/pubsub0/pub.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
+#include "envelope.h"
 #include "log.h"
+#include "pgev.h"
 #include "role.h"
+#include "xmalloc.h"
+
+#define OUTBOX_BATCH "200"
+
+struct outbox {
+    struct role_ctx *ctx;
+    struct pgev_pool *pg;     /* claims and marks */
+    struct pgev_pool *listen; /* one connection, LISTEN outbox */
+    nng_socket pub;
+    bool busy;  /* a claim or mark is in flight */
+    bool open;  /* the start delay has passed */
+    bool again; /* woken while busy: look again when done */
+    struct event *poll;
+    char lease[24];
+    unsigned long long published;
+};
+
+static void outbox_kick(struct outbox *o);
+
+static void
+outbox_on_marked(void *arg, PGresult *res, const char *err)
+{
+    struct outbox *o = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK)
+        log_warn("outbox: marking events failed (%s); they will be published again",
+                 err ? err : PQresultErrorMessage(res));
+    o->busy = false;
+    if (o->again) {
+        o->again = false;
+        outbox_kick(o);
+    }
+}
+
+/* Publishes one claimed row; 0 when the PUB socket took it. */
+static int
+outbox_publish(struct outbox *o, PGresult *res, int row)
+{
+    struct envelope_writer w;
+    size_t n;
+    const char *type = PQgetvalue(res, row, 2);
+    envelope_begin(&w, MSG_EVENT, PQgetvalue(res, row, 1), 0, 4);
+    envelope_put_str(&w, "event_id", PQgetvalue(res, row, 1));
+    envelope_put_str(&w, "type", type);
+    envelope_put_str(&w, "aggregate_id", PQgetvalue(res, row, 3));
+    envelope_put_str(&w, "event", PQgetvalue(res, row, 4));
+    void *bytes = envelope_finish(&w, &n);
+    size_t tlen = strlen(type);
+    nng_msg *msg;
+    if (nng_msg_alloc(&msg, tlen + 1 + n) != 0)
+        abort();
+    memcpy(nng_msg_body(msg), type, tlen);
+    ((char *)nng_msg_body(msg))[tlen] = '\0';
+    memcpy((char *)nng_msg_body(msg) + tlen + 1, bytes, n);
+    free(bytes);
+    int rv = nng_sendmsg(o->pub, msg, NNG_FLAG_NONBLOCK);
+    if (rv != 0) {
+        nng_msg_free(msg);
+        log_warn("outbox: publishing %s failed: %s", PQgetvalue(res, row, 1), nng_strerror(rv));
+        return -1;
+    }
+    return 0;
+}
+
+static void
+outbox_on_claimed(void *arg, PGresult *res, const char *err)
+{
+    struct outbox *o = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        log_warn("outbox: claiming events failed: %s", err ? err : PQresultErrorMessage(res));
+        o->busy = false;
+        return;
+    }
+    int rows = PQntuples(res);
+    if (rows == 0) {
+        o->busy = false;
+        if (o->again) {
+            o->again = false;
+            outbox_kick(o);
+        }
+        return;
+    }
+    /* Two arrays as PostgreSQL literals: published, and failed. */
+    struct evbuffer *sent = evbuffer_new(), *failed = evbuffer_new();
+    evbuffer_add(sent, "{", 1);
+    evbuffer_add(failed, "{", 1);
+    int nsent = 0, nfailed = 0;
+    for (int i = 0; i < rows; i++) {
+        bool ok = outbox_publish(o, res, i) == 0;
+        struct evbuffer *b = ok ? sent : failed;
+        evbuffer_add_printf(b, "%s%s", (ok ? nsent : nfailed) ? "," : "", PQgetvalue(res, i, 0));
+        if (ok)
+            nsent++;
+        else
+            nfailed++;
+    }
+    evbuffer_add(sent, "}\0", 2);
+    evbuffer_add(failed, "}\0", 2);
+    o->published += (unsigned long long)nsent;
+    const char *params[2] = {(const char *)evbuffer_pullup(sent, -1),
+                             (const char *)evbuffer_pullup(failed, -1)};
+    /* Every batch may hide more work behind it. */
+    o->again = true;
+    pgev_exec(o->pg,
+              "WITH s AS (UPDATE outbox SET sent_at = now(), last_error = NULL"
+              "  WHERE id = ANY($1::bigint[]) RETURNING 1),"
+              " f AS (UPDATE outbox SET last_error = 'publish failed',"
+              "  available_at = now() + make_interval(secs => random() *"
+              "   least(3600, 2 ^ least(attempts, 12)))"
+              "  WHERE id = ANY($2::bigint[]) RETURNING 1)"
+              " SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM f)",
+              2, params, outbox_on_marked, o);
+    evbuffer_free(sent);
+    evbuffer_free(failed);
+}
+
+static void
+outbox_kick(struct outbox *o)
+{
+    if (!o->open)
+        return; /* the start timer kicks once subscribers had time to connect */
+    if (o->busy) {
+        o->again = true;
+        return;
+    }
+    o->busy = true;
+    const char *params[2] = {OUTBOX_BATCH, o->lease};
+    pgev_exec(o->pg,
+              "WITH batch AS (SELECT p.id FROM outbox p"
+              "  WHERE p.sent_at IS NULL AND p.available_at <= now()"
+              "  AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.aggregate_id = p.aggregate_id"
+              "   AND e.sent_at IS NULL AND e.id < p.id)"
+              "  ORDER BY p.id LIMIT $1 FOR UPDATE OF p SKIP LOCKED)"
+              " UPDATE outbox o SET attempts = o.attempts + 1,"
+              "  available_at = now() + $2::bigint * interval '1 millisecond'"
+              " FROM batch WHERE o.id = batch.id"
+              " RETURNING o.id, o.event_id, o.type, o.aggregate_id, o.payload::text",
+              2, params, outbox_on_claimed, o);
+}
+
+static void
+outbox_on_notify(void *arg, const char *channel, const char *payload)
+{
+    (void)channel;
+    (void)payload;
+    outbox_kick(arg);
+}
+
+static void
+outbox_on_poll(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    outbox_kick(arg);
+}
+
+static void
+outbox_on_open(evutil_socket_t fd, short what, void *arg)
+{
+    struct outbox *o = arg;
+    (void)fd;
+    (void)what;
+    o->open = true;
+    outbox_kick(o);
+}
 
 int
 outbox_main(struct role_ctx *ctx)
 {
-    nng_socket sock;
-    if (role_serve_pings(ctx, &sock) < 0)
+    struct outbox o = {.ctx = ctx};
+    const struct config *cfg = &ctx->cfg;
+    nng_socket ping;
+    char url[400];
+    int rv;
+
+    if (role_serve_pings(ctx, &ping) < 0)
         return EXIT_ROLE_FAILURE;
+    role_events_url(cfg, url, sizeof(url));
+    if ((rv = nng_pub0_open(&o.pub)) != 0 || (rv = nng_listen(o.pub, url, NULL, 0)) != 0) {
+        log_error("cannot publish events at %s: %s", url, nng_strerror(rv));
+        return EXIT_ROLE_FAILURE;
+    }
+    snprintf(o.lease, sizeof(o.lease), "%lld", (long long)cfg->outbox_lease_ms);
+    o.pg = pgev_pool_new(ctx->base, cfg, 2);
+    o.listen = pgev_pool_new(ctx->base, cfg, 1);
+    pgev_pool_on_connect(o.listen, "LISTEN outbox", outbox_on_notify, &o);
+    o.poll = event_new(ctx->base, -1, EV_PERSIST, outbox_on_poll, &o);
+    struct timeval tv = {(time_t)(cfg->outbox_poll_ms / 1000),
+                         (suseconds_t)((cfg->outbox_poll_ms % 1000) * 1000)};
+    event_add(o.poll, &tv);
+    struct event *open = evtimer_new(ctx->base, outbox_on_open, &o);
+    struct timeval delay = {(time_t)(cfg->outbox_start_delay_ms / 1000),
+                            (suseconds_t)((cfg->outbox_start_delay_ms % 1000) * 1000)};
+    evtimer_add(open, &delay);
+    log_info("publishing events at %s", url);
     role_ready(ctx);
     event_base_dispatch(ctx->base);
-    nng_close(sock);
+    event_free(o.poll);
+    event_free(open);
+    pgev_pool_free(o.listen);
+    pgev_pool_free(o.pg);
+    nng_close(o.pub);
+    nng_close(ping);
     return 0;
 }

@@ -12,6 +12,7 @@
  */
 #include <getopt.h>
 #include <nng/nng.h>
+#include <nng/protocol/pubsub0/sub.h>
 #include <nng/protocol/reqrep0/req.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +35,8 @@ usage(FILE *out)
                  "  start ROLE[/INDEX]      start a stopped or failed role\n"
                  "  drain                   stop intake: api processes finish and stay down\n"
                  "  ping ROLE/INDEX         ping a worker or the outbox over NNG\n"
+                 "  subscribe [TYPE|all] [N] print events as JSON lines (every type, or one;\n"
+                 "                          stop after N)\n"
                  "  migrate                 apply the database migrations that are missing\n"
                  "  create-account NAME     create an account and print its id\n"
                  "  create-key ACCOUNT      create a secret API key and print it (once)\n");
@@ -218,6 +221,70 @@ ctl_ping(const char *run_dir, const char *target)
     return 0;
 }
 
+/* Prints each event published by the outbox as one JSON line. */
+static int
+ctl_subscribe(const char *run_dir, const char *config_path, const char *type, long count)
+{
+    char url[600];
+    nng_socket sock;
+    int rv;
+    struct config cfg;
+    char err[256];
+    if (config_load(&cfg, config_path, err, sizeof(err)) < 0) {
+        fprintf(stderr, "paymentctl: configuration: %s\n", err);
+        return 2;
+    }
+    if (cfg.events_url)
+        snprintf(url, sizeof(url), "%s", cfg.events_url);
+    else
+        snprintf(url, sizeof(url), "ipc://%s/events.ipc", run_dir);
+    config_free(&cfg);
+    if ((rv = nng_sub0_open(&sock)) == 0) {
+        /* Find a restarted dispatcher quickly: it waits about a second for us. */
+        nng_socket_set_ms(sock, NNG_OPT_RECONNMINT, 20);
+        nng_socket_set_ms(sock, NNG_OPT_RECONNMAXT, 200);
+    }
+    if (rv != 0 ||
+        (rv = nng_socket_set(sock, NNG_OPT_SUB_SUBSCRIBE, type ? type : "",
+                             type ? strlen(type) + 1 : 0)) != 0 ||
+        (rv = nng_dial(sock, url, NULL, NNG_FLAG_NONBLOCK)) != 0) {
+        fprintf(stderr, "paymentctl: cannot subscribe at %s: %s\n", url, nng_strerror(rv));
+        return 1;
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    for (long seen = 0; count <= 0 || seen < count;) {
+        nng_msg *msg;
+        if ((rv = nng_recvmsg(sock, &msg, 0)) != 0) {
+            fprintf(stderr, "paymentctl: %s\n", nng_strerror(rv));
+            nng_close(sock);
+            return 1;
+        }
+        const char *body = nng_msg_body(msg);
+        size_t len = nng_msg_len(msg);
+        const char *nul = memchr(body, '\0', len);
+        char event_id[80] = "", etype[120] = "";
+        struct envelope env;
+        enum envelope_error e = nul ? envelope_decode(&env, nul + 1, len - (size_t)(nul + 1 - body))
+                                    : ENV_ERR_TRUNCATED;
+        const msgpack_object *ev = e == ENV_OK ? envelope_get(env.body, "event") : NULL;
+        if (e == ENV_OK && strcmp(env.type, MSG_EVENT) == 0 && ev &&
+            ev->type == MSGPACK_OBJECT_STR) {
+            envelope_get_str(env.body, "event_id", event_id, sizeof(event_id));
+            envelope_get_str(env.body, "type", etype, sizeof(etype));
+            printf("{\"event_id\":\"%s\",\"type\":\"%s\",\"event\":%.*s}\n", event_id, etype,
+                   (int)ev->via.str.size, ev->via.str.ptr);
+            seen++;
+        } else {
+            fprintf(stderr, "paymentctl: dropped a malformed event message\n");
+        }
+        if (nul)
+            envelope_free(&env);
+        nng_msg_free(msg);
+    }
+    nng_close(sock);
+    return 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -266,6 +333,15 @@ main(int argc, char **argv)
     }
     if (strcmp(cmd, "ping") == 0 && arg)
         return ctl_ping(run_dir, arg);
+    if (strcmp(cmd, "subscribe") == 0) {
+        long count = 0;
+        const char *type = arg && strcmp(arg, "all") != 0 ? arg : NULL;
+        if (optind + 2 < argc && config_parse_int(argv[optind + 2], 1, 100000000, &count) < 0) {
+            fprintf(stderr, "paymentctl: subscribe: N must be a positive integer\n");
+            return 2;
+        }
+        return ctl_subscribe(run_dir, config_path, type, count);
+    }
     if (strcmp(cmd, "migrate") == 0 || strcmp(cmd, "create-account") == 0 ||
         strcmp(cmd, "create-key") == 0) {
         struct config cfg;
