@@ -50,18 +50,42 @@ struct outbox {
     bool again; /* woken while busy: look again when done */
     struct event *poll;
     char lease[24];
+    char last_error[160]; /* the error last logged, so a repeating one is logged once */
     unsigned long long published;
 };
 
 static void outbox_kick(struct outbox *o);
+
+/* Logs a database error once for as long as it repeats (the dispatcher
+ * polls every second; a missing table should not fill the journal). */
+static void
+outbox_db_error(struct outbox *o, const char *what, const char *err)
+{
+    char line[160];
+    snprintf(line, sizeof(line), "%s: %s", what, err ? err : "error");
+    line[strcspn(line, "\n")] = '\0';
+    if (strcmp(line, o->last_error) == 0)
+        return;
+    snprintf(o->last_error, sizeof(o->last_error), "%s", line);
+    log_warn("outbox: %s (logged once while it repeats)", line);
+}
+
+static void
+outbox_db_ok(struct outbox *o)
+{
+    if (o->last_error[0]) {
+        log_info("outbox: database working again");
+        o->last_error[0] = '\0';
+    }
+}
 
 static void
 outbox_on_marked(void *arg, PGresult *res, const char *err)
 {
     struct outbox *o = arg;
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK)
-        log_warn("outbox: marking events failed (%s); they will be published again",
-                 err ? err : PQresultErrorMessage(res));
+        outbox_db_error(o, "marking events failed; they will be published again",
+                        err ? err : PQresultErrorMessage(res));
     o->busy = false;
     if (o->again) {
         o->again = false;
@@ -104,10 +128,11 @@ outbox_on_claimed(void *arg, PGresult *res, const char *err)
 {
     struct outbox *o = arg;
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        log_warn("outbox: claiming events failed: %s", err ? err : PQresultErrorMessage(res));
+        outbox_db_error(o, "claiming events failed", err ? err : PQresultErrorMessage(res));
         o->busy = false;
         return;
     }
+    outbox_db_ok(o);
     int rows = PQntuples(res);
     if (rows == 0) {
         o->busy = false;

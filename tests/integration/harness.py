@@ -93,7 +93,7 @@ class Paymentd:
     def wait_all_running(self, timeout=30):
         def ok():
             if self.proc.poll() is not None:
-                raise AssertionError("paymentd exited with %s:\n%s" % (self.proc.returncode, self.logs()))
+                raise AssertionError("paymentd exited with %s:\n%s" % (self.proc.returncode, self.logs(6000)))
             try:
                 rows = self.status()
             except AssertionError:
@@ -129,12 +129,14 @@ class Paymentd:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def logs(self):
+    def logs(self, tail=None):
+        """The whole log (or its last tail characters, for error messages)."""
         try:
             with open(self.log_path, "rb") as f:
-                return f.read().decode(errors="replace")[-6000:]
+                text = f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
+        return text[-tail:] if tail else text
 
     # ---- control ----
 
