@@ -364,12 +364,14 @@ api_main(struct role_ctx *ctx)
         return EXIT_ROLE_FAILURE;
     }
     log_info("listening on %s:%d", cfg->bind_address, cfg->port);
+    saga_start(&api);
     role_ready(ctx);
     event_base_dispatch(ctx->base);
 
     if (api.stop_timer)
         event_free(api.stop_timer);
     evhttp_free(api.http);
+    saga_stop(&api);
     nng_close(api.workers);
     redisev_free(api.redis);
     pgev_pool_free(api.pg);

@@ -27,6 +27,7 @@ struct api {
     struct event *stop_timer;
     struct auth_cache *auth;
     int64_t confirm_wait_ms;
+    struct saga *saga; /* order intake, on api/0 when SAGA_ACCOUNT is set */
 };
 
 /* A list request's page (lists.c). */
@@ -107,16 +108,17 @@ void lists_respond(struct api_req *r, PGresult *res, const struct list_query *lq
 
 /* One keyset page of table for account $1, newest first ("<", "DESC") or
  * walking back from a cursor (">", "ASC"). Parameters: $1 account, $2 the
- * resource's own filter (filter_sql, true when $2 IS NULL), $3..$6 created
+ * resource's own filter (filter_sql, true when $2 IS NULL), scope_sql a fixed
+ * condition on the rows (or "true"), $3..$6 created
  * gte/gt/lte/lt (unix seconds), $7 the cursor's public id, $8 rows to fetch.
  * Columns: whether the cursor exists, then the object text. */
-#define LISTS_SQL(table, public_col, obj, filter_sql, cmp, order)                                  \
+#define LISTS_SQL(table, public_col, obj, filter_sql, scope_sql, cmp, order)                       \
     "WITH c AS (SELECT $7::text IS NULL OR EXISTS (SELECT 1 FROM " table "  WHERE " public_col     \
     " = $7 AND account_id = $1) AS ok,"                                                            \
     "  (SELECT id FROM " table " WHERE " public_col " = $7 AND account_id = $1) AS id),"           \
     " page AS (SELECT " obj " AS obj, p.id FROM " table " p, c"                                    \
-    "  WHERE p.account_id = $1 AND c.ok"                                                           \
-    "  AND ($2::text IS NULL OR " filter_sql ")"                                                   \
+    "  WHERE p.account_id = $1 AND c.ok AND " scope_sql "  AND ($2::text IS NULL OR " filter_sql   \
+    ")"                                                                                            \
     "  AND ($3::bigint IS NULL OR p.created_at >= to_timestamp($3))"                               \
     "  AND ($4::bigint IS NULL OR p.created_at >= to_timestamp($4 + 1))"                           \
     "  AND ($5::bigint IS NULL OR p.created_at < to_timestamp($5 + 1))"                            \
@@ -137,6 +139,21 @@ void intents_list(struct api_req *r);
 void intents_confirm(struct api_req *r);
 void intents_capture(struct api_req *r);
 void intents_cancel(struct api_req *r);
+/* The columns every job-starting statement returns, in this order, and the
+ * job message built from them. */
+#define JOB_COLS                                                                                   \
+    "upd.id, upd.version, upd.public_id, upd.account_id, upd.amount, upd.currency,"                \
+    " coalesce(upd.payment_method, ''), upd.capture_method"
+#define JOB_AMOUNT_COL_OFFSET 4 /* amount is the fifth of JOB_COLS */
+void *intents_job_message(const char *op, const char *request_id, int64_t deadline_ms,
+                          PGresult *res, int row, int amount_col, int64_t amount_to_capture,
+                          const char *reason, size_t *len);
+#define OBJ(alias) "payment_intent_object(ROW(" alias ".*)::payment_intents)::text"
+
+/* saga.c */
+void saga_start(struct api *api);
+void saga_stop(struct api *api);
+
 /* Answers with the current object of an intent by internal id (idempotency recovery). */
 void intents_respond_current(struct api_req *r, int64_t intent_id);
 

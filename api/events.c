@@ -3,7 +3,9 @@
  * filters type and created) and GET /v1/events/:id, in Stripe's event shape
  * (evt_..., type, created, data.object). Events are the outbox rows that
  * every state change writes in its own transaction, so the list is exactly
- * what happened, scoped to the caller's account. Offers events_list() and
+ * what happened, scoped to the caller's account. The saga's PaymentCompleted
+ * and PaymentFailed messages share the outbox but are not Stripe events and
+ * are not listed. Offers events_list() and
  * events_retrieve(). Calls api, lists, pgev.
  */
 #include <stdio.h>
@@ -42,7 +44,8 @@ events_list(struct api_req *r)
     const char *params[8] = {account,      type,         lq->bound[0], lq->bound[1],
                              lq->bound[2], lq->bound[3], lq->cursor,   lq->fetch};
 #define EVENTS_PAGE(cmp, order)                                                                    \
-    LISTS_SQL("outbox", "event_id", "p.payload::text", "p.type = $2", cmp, order)
+    LISTS_SQL("outbox", "event_id", "p.payload::text", "p.type = $2",                              \
+              "p.aggregate_type = 'payment_intent'", cmp, order)
     pgev_exec(r->api->pg, lq->backward ? EVENTS_PAGE(">", "ASC") : EVENTS_PAGE("<", "DESC"), 8,
               params, events_on_list, r);
 #undef EVENTS_PAGE
@@ -79,6 +82,7 @@ events_retrieve(struct api_req *r)
     snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
     const char *params[2] = {r->id, account};
     pgev_exec(r->api->pg,
-              "SELECT payload::text FROM outbox WHERE event_id = $1 AND account_id = $2", 2, params,
-              events_on_one, r);
+              "SELECT payload::text FROM outbox WHERE event_id = $1 AND account_id = $2"
+              " AND aggregate_type = 'payment_intent'",
+              2, params, events_on_one, r);
 }

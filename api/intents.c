@@ -31,8 +31,6 @@
  * transitions that start in the api (workers finish them). */
 #define OPEN_STATES "'requires_payment_method','requires_confirmation','requires_action'"
 
-#define OBJ(alias) "payment_intent_object(ROW(" alias ".*)::payment_intents)::text"
-
 static const char *const create_params[] = {"amount",         "currency",   "customer",
                                             "description",    "metadata",   "capture_method",
                                             "payment_method", "confirm",    "payment_method_types",
@@ -176,18 +174,15 @@ intents_on_wait_timeout(evutil_socket_t fd, short what, void *arg)
         intents_respond_object(r, r->pending_body);
 }
 
-/* Sends a gateway job; fields: op, intent_id, version, public_id, account_id,
- * amount, currency, payment_method, capture_method, amount_to_capture, reason. */
-static void
-intents_send_job(struct api_req *r, const char *op, PGresult *res, int row, int amount_col,
-                 int64_t amount_to_capture, const char *reason, const char *pending_body)
+/* Writes the job envelope for a worker from a row that has the job
+ * columns (JOB_COLS) with its amount at amount_col. */
+void *
+intents_job_message(const char *op, const char *request_id, int64_t deadline_ms, PGresult *res,
+                    int row, int amount_col, int64_t amount_to_capture, const char *reason,
+                    size_t *len)
 {
     struct envelope_writer w;
-    size_t n;
-    struct api *api = r->api;
-    const struct config *cfg = &api->ctx->cfg;
-
-    envelope_begin(&w, MSG_JOB, r->id, shm_now_ms() + cfg->job_timeout_ms, 11);
+    envelope_begin(&w, MSG_JOB, request_id, deadline_ms, 11);
     envelope_put_str(&w, "op", op);
     envelope_put_int(&w, "intent_id", strtoll(PQgetvalue(res, row, amount_col - 4), NULL, 10));
     envelope_put_int(&w, "version", strtoll(PQgetvalue(res, row, amount_col - 3), NULL, 10));
@@ -199,7 +194,19 @@ intents_send_job(struct api_req *r, const char *op, PGresult *res, int row, int 
     envelope_put_str(&w, "capture_method", PQgetvalue(res, row, amount_col + 3));
     envelope_put_int(&w, "amount_to_capture", amount_to_capture);
     envelope_put_str(&w, "reason", reason ? reason : "");
-    void *bytes = envelope_finish(&w, &n);
+    return envelope_finish(&w, len);
+}
+
+/* Sends a gateway job for request r and arms the CONFIRM_WAIT_MS answer. */
+static void
+intents_send_job(struct api_req *r, const char *op, PGresult *res, int row, int amount_col,
+                 int64_t amount_to_capture, const char *reason, const char *pending_body)
+{
+    size_t n;
+    struct api *api = r->api;
+    const struct config *cfg = &api->ctx->cfg;
+    void *bytes = intents_job_message(op, r->id, shm_now_ms() + cfg->job_timeout_ms, res, row,
+                                      amount_col, amount_to_capture, reason, &n);
 
     free(r->pending_body);
     r->pending_body = xstrdup(pending_body);
@@ -214,12 +221,6 @@ intents_send_job(struct api_req *r, const char *op, PGresult *res, int row, int 
                          (suseconds_t)((api->confirm_wait_ms % 1000) * 1000)};
     evtimer_add(r->timer, &tv);
 }
-
-/* The columns every job-starting statement returns, in this order. */
-#define JOB_COLS                                                                                   \
-    "upd.id, upd.version, upd.public_id, upd.account_id, upd.amount, upd.currency,"                \
-    " coalesce(upd.payment_method, ''), upd.capture_method"
-#define JOB_AMOUNT_COL_OFFSET 4 /* amount is the fifth of JOB_COLS */
 
 /* ---- create ---- */
 
@@ -761,7 +762,7 @@ intents_list(struct api_req *r)
     const char *params[8] = {account,      customer,     lq->bound[0], lq->bound[1],
                              lq->bound[2], lq->bound[3], lq->cursor,   lq->fetch};
 #define INTENTS_PAGE(cmp, order)                                                                   \
-    LISTS_SQL("payment_intents", "public_id", OBJ("p"), "p.customer = $2", cmp, order)
+    LISTS_SQL("payment_intents", "public_id", OBJ("p"), "p.customer = $2", "true", cmp, order)
     pgev_exec(r->api->pg, lq->backward ? INTENTS_PAGE(">", "ASC") : INTENTS_PAGE("<", "DESC"), 8,
               params, intents_on_list, r);
 #undef INTENTS_PAGE

@@ -98,6 +98,9 @@ static const struct config_desc config_keys[CFG__COUNT] = {
                              OFF(outbox_lease_ms), false, false},
     [CFG_OUTBOX_START_DELAY_MS] = {"OUTBOX_START_DELAY_MS", T_DURATION, "1000", 0, 60000, 1,
                                    OFF(outbox_start_delay_ms), false, false},
+    [CFG_INTAKE_URL] = {"INTAKE_URL", T_STRING, NULL, 6, 300, 0, OFF(intake_url), false, false},
+    [CFG_SAGA_ACCOUNT] = {"SAGA_ACCOUNT", T_STRING, NULL, 6, 64, 0, OFF(saga_account), false,
+                          false},
 };
 
 const char *

@@ -44,6 +44,8 @@ enum config_key {
     CFG_OUTBOX_POLL_MS,
     CFG_OUTBOX_LEASE_MS,
     CFG_OUTBOX_START_DELAY_MS,
+    CFG_INTAKE_URL,
+    CFG_SAGA_ACCOUNT,
     CFG__COUNT
 };
 
@@ -85,6 +87,8 @@ struct config {
     int64_t outbox_poll_ms;
     int64_t outbox_lease_ms;
     int64_t outbox_start_delay_ms;
+    const char *intake_url;   /* NULL: ipc://RUN_DIR/intake.ipc */
+    const char *saga_account; /* NULL: no saga intake */
 };
 
 /* Loads the configuration: defaults, then the environment, then the file at

@@ -21,8 +21,9 @@
 #include "shm.h"
 #include "xmalloc.h"
 
-static const char *const envelope_types[] = {MSG_PING, MSG_PONG,      MSG_CTL,  MSG_CTL_REPLY,
-                                             MSG_JOB,  MSG_JOB_REPLY, MSG_EVENT};
+static const char *const envelope_types[] = {
+    MSG_PING, MSG_PONG,      MSG_CTL,   MSG_CTL_REPLY,
+    MSG_JOB,  MSG_JOB_REPLY, MSG_EVENT, MSG_INVENTORY_RESERVED};
 
 bool
 envelope_type_known(const char *type)

@@ -82,13 +82,14 @@ int envelope_get_int(const msgpack_object *map, const char *key, int64_t *out);
 int envelope_get_bool(const msgpack_object *map, const char *key, bool *out);
 
 /* Message types known to every process. */
-#define MSG_PING      "ping"
-#define MSG_PONG      "pong"
-#define MSG_CTL       "ctl.request"
-#define MSG_CTL_REPLY "ctl.reply"
-#define MSG_JOB       "job.request" /* api -> worker: a gateway job */
-#define MSG_JOB_REPLY "job.reply"   /* worker -> api: the intent after the job */
-#define MSG_EVENT     "event"       /* outbox -> subscribers: one Stripe-shaped event */
+#define MSG_PING               "ping"
+#define MSG_PONG               "pong"
+#define MSG_CTL                "ctl.request"
+#define MSG_CTL_REPLY          "ctl.reply"
+#define MSG_JOB                "job.request" /* api -> worker: a gateway job */
+#define MSG_JOB_REPLY          "job.reply"   /* worker -> api: the intent after the job */
+#define MSG_EVENT              "event"       /* outbox -> subscribers: one Stripe-shaped event */
+#define MSG_INVENTORY_RESERVED "InventoryReserved" /* publishers -> api: pay for an order */
 
 bool envelope_type_known(const char *type);
 

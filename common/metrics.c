@@ -67,6 +67,10 @@ static const struct counter_desc counter_catalog[MC__COUNT] = {
                                "Responses replayed for a repeated Idempotency-Key."},
     [MC_IDEMPOTENT_CONFLICTS] = {"paymentd_idempotent_conflicts_total",
                                  "Requests refused because their key was in flight (409)."},
+    [MC_SAGA_RECEIVED] = {"paymentd_saga_messages_received_total",
+                          "InventoryReserved messages accepted at the intake."},
+    [MC_SAGA_REJECTED] = {"paymentd_saga_messages_rejected_total",
+                          "Intake messages dropped as malformed."},
 };
 
 void

@@ -3,8 +3,8 @@
  *
  * Offers nngev_new()/nngev_free(), nngev_request() for REQ clients (one NNG
  * context per request, so many requests are in flight at once and NNG itself
- * re-sends a request whose peer died), and nngev_serve()/nngev_respond() for
- * REP servers with several contexts.
+ * re-sends a request whose peer died), nngev_serve()/nngev_respond() for
+ * REP servers with several contexts, and nngev_receive() for PULL sockets.
  *
  * NNG completes operations on its own threads. Those callbacks never touch
  * loop objects: they only move the finished operation onto a mutex-protected
@@ -28,7 +28,7 @@
 
 #include "xmalloc.h"
 
-enum op_kind { OP_REQUEST, OP_SERVE };
+enum op_kind { OP_REQUEST, OP_SERVE, OP_PULL };
 enum op_phase { PH_SEND, PH_RECV };
 
 struct nngev_op {
@@ -47,6 +47,9 @@ struct nngev_op {
     void *arg;
     /* OP_SERVE */
     struct nngev_server *server;
+    /* OP_PULL */
+    nng_socket sock;
+    nngev_message_cb message_cb;
 };
 
 struct nngev_job {
@@ -115,10 +118,14 @@ nngev_aio_done(void *arg)
         return;
     }
     if (rv != 0) {
-        if (op->kind == OP_SERVE && (rv == NNG_ECLOSED || rv == NNG_ECANCELED))
+        if (op->kind != OP_REQUEST && (rv == NNG_ECLOSED || rv == NNG_ECANCELED))
             return;
         if (op->kind == OP_SERVE) {
             nng_ctx_recv(op->ctx, op->aio);
+            return;
+        }
+        if (op->kind == OP_PULL) {
+            nng_recv_aio(op->sock, op->aio);
             return;
         }
         op->err = rv;
@@ -168,6 +175,11 @@ nngev_wake(evutil_socket_t fd, short what, void *arg)
             int err = op->err;
             nngev_op_free(op);
             cb(cbarg, err, msg);
+        } else if (op->kind == OP_PULL) {
+            nng_msg *msg = op->msg;
+            op->msg = NULL;
+            op->message_cb(op->arg, msg);
+            nng_recv_aio(op->sock, op->aio); /* the next message */
         } else {
             nng_msg *msg = op->msg;
             op->msg = NULL;
@@ -260,6 +272,17 @@ nngev_respond(struct nngev_job *job, nng_msg *reply)
     op->phase = PH_SEND;
     nng_aio_set_msg(op->aio, reply);
     nng_ctx_send(op->ctx, op->aio);
+}
+
+void
+nngev_receive(struct nngev *ev, nng_socket sock, nngev_message_cb cb, void *arg)
+{
+    struct nngev_op *op = nngev_op_new(ev, OP_PULL);
+    op->sock = sock;
+    op->message_cb = cb;
+    op->arg = arg;
+    op->phase = PH_RECV;
+    nng_recv_aio(sock, op->aio);
 }
 
 nng_msg *

@@ -33,6 +33,12 @@ struct nngev_server *nngev_serve(struct nngev *ev, nng_socket rep, int contexts,
 /* Sends reply (ownership passes) or, with NULL, drops the request unanswered. */
 void nngev_respond(struct nngev_job *job, nng_msg *reply);
 
+/* Called on the loop for each message received; the callee owns msg. */
+typedef void (*nngev_message_cb)(void *arg, nng_msg *msg);
+
+/* Receives on a socket (PULL) for as long as it is open. */
+void nngev_receive(struct nngev *ev, nng_socket sock, nngev_message_cb cb, void *arg);
+
 /* Builds an nng_msg from bytes. */
 nng_msg *nngev_msg(const void *data, size_t len);
 

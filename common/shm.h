@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 #define SHM_MAGIC          0x50415944u /* "PAYD" */
-#define SHM_LAYOUT_VERSION 3u
+#define SHM_LAYOUT_VERSION 4u
 #define SHM_MAX_SLOTS      72 /* supervisor + 32 api + 32 workers + outbox + exporter + spare */
 
 enum role_kind { ROLE_SUPERVISOR, ROLE_API, ROLE_WORKER, ROLE_OUTBOX, ROLE_EXPORTER, ROLE__COUNT };
@@ -34,6 +34,8 @@ enum metric_counter {
     MC_ENVELOPES_REJECTED,
     MC_IDEMPOTENT_REPLAYS,
     MC_IDEMPOTENT_CONFLICTS,
+    MC_SAGA_RECEIVED,
+    MC_SAGA_REJECTED,
     MC__COUNT
 };
 

@@ -12,6 +12,9 @@
  */
 #include <getopt.h>
 #include <nng/nng.h>
+#include <jansson.h>
+#include <nng/protocol/pipeline0/push.h>
+#include <nng/supplemental/util/platform.h>
 #include <nng/protocol/pubsub0/sub.h>
 #include <nng/protocol/reqrep0/req.h>
 #include <stdio.h>
@@ -35,6 +38,9 @@ usage(FILE *out)
                  "  start ROLE[/INDEX]      start a stopped or failed role\n"
                  "  drain                   stop intake: api processes finish and stay down\n"
                  "  ping ROLE/INDEX         ping a worker or the outbox over NNG\n"
+                 "  intake [--raw]          send an InventoryReserved message, given as JSON on\n"
+                 "                          stdin (orderId, amount, currency, customerId,\n"
+                 "                          paymentMethod, eventId); --raw sends stdin as is\n"
                  "  subscribe [TYPE|all] [N] print events as JSON lines (every type, or one;\n"
                  "                          stop after N)\n"
                  "  migrate                 apply the database migrations that are missing\n"
@@ -221,6 +227,68 @@ ctl_ping(const char *run_dir, const char *target)
     return 0;
 }
 
+/* Sends one message to the api's order intake (PUSH to INTAKE_URL). */
+static int
+ctl_intake(const char *run_dir, const char *config_path, bool raw)
+{
+    char url[600], err[256];
+    struct config cfg;
+    static char input[65536];
+    size_t n = fread(input, 1, sizeof(input), stdin);
+    void *bytes = NULL;
+    size_t len = n;
+    nng_socket sock;
+    int rv, rc = 1;
+
+    if (config_load(&cfg, config_path, err, sizeof(err)) < 0) {
+        fprintf(stderr, "paymentctl: configuration: %s\n", err);
+        return 2;
+    }
+    if (cfg.intake_url)
+        snprintf(url, sizeof(url), "%s", cfg.intake_url);
+    else
+        snprintf(url, sizeof(url), "ipc://%s/intake.ipc", run_dir);
+    config_free(&cfg);
+    if (!raw) {
+        json_error_t jerr;
+        json_t *in = json_loadb(input, n, 0, &jerr);
+        if (!json_is_object(in)) {
+            fprintf(stderr, "paymentctl: intake: stdin must be a JSON object\n");
+            json_decref(in);
+            return 2;
+        }
+        struct envelope_writer w;
+        const char *k;
+        json_t *v;
+        envelope_begin(&w, MSG_INVENTORY_RESERVED, NULL, 0, (uint32_t)json_object_size(in));
+        json_object_foreach(in, k, v)
+        {
+            if (json_is_integer(v))
+                envelope_put_int(&w, k, json_integer_value(v));
+            else if (json_is_string(v))
+                envelope_put_str(&w, k, json_string_value(v));
+            else {
+                envelope_put_key(&w, k);
+                msgpack_pack_nil(&w.pk);
+            }
+        }
+        json_decref(in);
+        bytes = envelope_finish(&w, &len);
+    }
+    if ((rv = nng_push0_open(&sock)) != 0 ||
+        (rv = nng_socket_set_ms(sock, NNG_OPT_SENDTIMEO, 5000)) != 0 ||
+        (rv = nng_dial(sock, url, NULL, 0)) != 0 ||
+        (rv = nng_send(sock, raw ? input : bytes, len, 0)) != 0) {
+        fprintf(stderr, "paymentctl: intake at %s: %s\n", url, nng_strerror(rv));
+    } else {
+        rc = 0;
+    }
+    free(bytes);
+    nng_msleep(100); /* let the message leave before the socket closes */
+    nng_close(sock);
+    return rc;
+}
+
 /* Prints each event published by the outbox as one JSON line. */
 static int
 ctl_subscribe(const char *run_dir, const char *config_path, const char *type, long count)
@@ -333,6 +401,14 @@ main(int argc, char **argv)
     }
     if (strcmp(cmd, "ping") == 0 && arg)
         return ctl_ping(run_dir, arg);
+    if (strcmp(cmd, "intake") == 0) {
+        bool raw = arg && strcmp(arg, "--raw") == 0;
+        if ((arg && !raw) || optind + 2 < argc) {
+            usage(stderr);
+            return 2;
+        }
+        return ctl_intake(run_dir, config_path, raw);
+    }
     if (strcmp(cmd, "subscribe") == 0) {
         long count = 0;
         const char *type = arg && strcmp(arg, "all") != 0 ? arg : NULL;

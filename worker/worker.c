@@ -155,8 +155,8 @@ job_on_recorded(void *arg, PGresult *res, const char *err)
         job_reply_current(j);
         return;
     }
-    job_count_outcome(j, PQgetvalue(res, 0, 3), strtoll(PQgetvalue(res, 0, 4), NULL, 10),
-                      strtoll(PQgetvalue(res, 0, 5), NULL, 10));
+    job_count_outcome(j, PQgetvalue(res, 0, 3), strtoll(PQgetvalue(res, 0, 5), NULL, 10),
+                      strtoll(PQgetvalue(res, 0, 6), NULL, 10));
     job_reply(j, PQgetvalue(res, 0, 0), NULL);
 }
 
@@ -215,10 +215,14 @@ job_record(struct job *j, const struct outcome *o, const char *charge_id)
               "  failure_message, processed_at)"
               "  SELECT $10, upd.id, $11, $12, $13::bigint, upd.currency, $17, $8, $14, $15, now()"
               "  FROM upd RETURNING 1),"
+              " saga AS (SELECT saga_outcome_event(ROW(upd.*)::payment_intents, $10, $15) FROM upd"
+              "  WHERE upd.order_id IS NOT NULL"
+              "  AND upd.status IN ('succeeded', 'requires_payment_method', 'canceled')),"
               " ev AS (SELECT outbox_event(upd.account_id, $16,"
               "  payment_intent_object(ROW(upd.*)::payment_intents), upd.public_id) FROM upd)"
               " SELECT payment_intent_object(ROW(upd.*)::payment_intents)::text,"
               "  (SELECT count(*) FROM tx), (SELECT count(*) FROM ev), upd.status,"
+              "  (SELECT count(*) FROM saga),"
               "  (extract(epoch FROM clock_timestamp() - upd.created_at) * 1000000)::bigint,"
               "  upd.amount_received FROM upd",
               17, params, job_on_recorded, j);

@@ -47,6 +47,7 @@ class Subscriber:
     def close(self):
         self.proc.terminate()
         self.proc.wait(10)
+        self.proc.stdout.close()
 
 
 def of(events, pi):
