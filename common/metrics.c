@@ -71,6 +71,9 @@ static const struct counter_desc counter_catalog[MC__COUNT] = {
                           "InventoryReserved messages accepted at the intake."},
     [MC_SAGA_REJECTED] = {"paymentd_saga_messages_rejected_total",
                           "Intake messages dropped as malformed."},
+    [MC_EVENTS_PUBLISHED_NNG] = {"paymentd_events_published_total", "Events published, by sink."},
+    [MC_EVENTS_PUBLISH_FAILED_NNG] = {"paymentd_events_publish_failures_total",
+                                      "Events a sink did not accept (retried later), by sink."},
 };
 
 void
@@ -291,11 +294,28 @@ metrics_render(const struct shm_segment *seg, const char *version, const char *c
                         commit);
     metrics_render_roles(seg, out);
     for (int c = 0; c < MC__COUNT; c++) {
+        const char *labels = c == MC_EVENTS_PUBLISHED_NNG || c == MC_EVENTS_PUBLISH_FAILED_NNG
+                                 ? "{sink=\"nng\"}"
+                                 : "";
         metrics_header(out, counter_catalog[c].name, counter_catalog[c].help, "counter");
-        evbuffer_add_printf(out, "%s %" PRIu64 "\n", counter_catalog[c].name,
+        evbuffer_add_printf(out, "%s%s %" PRIu64 "\n", counter_catalog[c].name, labels,
                             metrics_sum(seg, offsetof(struct shm_metrics, counters) +
                                                  (size_t)c * sizeof(uint64_t)));
     }
+    int64_t pending = 0, oldest = 0;
+    for (int i = 0; i < SHM_MAX_SLOTS; i++) {
+        const struct shm_metrics *m = &seg->slots[i].metrics;
+        int64_t p = atomic_load_explicit(&m->events_pending, memory_order_relaxed);
+        int64_t o = atomic_load_explicit(&m->events_oldest_age_s, memory_order_relaxed);
+        pending = p > pending ? p : pending; /* every dispatcher sees the same table */
+        oldest = o > oldest ? o : oldest;
+    }
+    metrics_header(out, "paymentd_events_pending", "Events written and not yet published.",
+                   "gauge");
+    evbuffer_add_printf(out, "paymentd_events_pending %" PRId64 "\n", pending);
+    metrics_header(out, "paymentd_events_oldest_pending_age_seconds",
+                   "Age of the oldest event not yet published.", "gauge");
+    evbuffer_add_printf(out, "paymentd_events_oldest_pending_age_seconds %" PRId64 "\n", oldest);
     metrics_render_http(seg, out);
     metrics_render_payments(seg, out);
 }

@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 #define SHM_MAGIC          0x50415944u /* "PAYD" */
-#define SHM_LAYOUT_VERSION 4u
+#define SHM_LAYOUT_VERSION 5u
 #define SHM_MAX_SLOTS      72 /* supervisor + 32 api + 32 workers + outbox + exporter + spare */
 
 enum role_kind { ROLE_SUPERVISOR, ROLE_API, ROLE_WORKER, ROLE_OUTBOX, ROLE_EXPORTER, ROLE__COUNT };
@@ -36,6 +36,8 @@ enum metric_counter {
     MC_IDEMPOTENT_CONFLICTS,
     MC_SAGA_RECEIVED,
     MC_SAGA_REJECTED,
+    MC_EVENTS_PUBLISHED_NNG,
+    MC_EVENTS_PUBLISH_FAILED_NNG,
     MC__COUNT
 };
 
@@ -87,6 +89,8 @@ struct shm_metrics {
     struct shm_histogram hist[MH__COUNT];
     struct shm_histogram payment_amount; /* minor units */
     _Atomic int64_t active_payments;     /* gauge: gateway jobs in flight */
+    _Atomic int64_t events_pending;      /* gauge, outbox: unsent events */
+    _Atomic int64_t events_oldest_age_s; /* gauge, outbox: age of the oldest unsent event */
 };
 
 struct shm_slot {

@@ -34,6 +34,7 @@
 
 #include "envelope.h"
 #include "log.h"
+#include "metrics.h"
 #include "pgev.h"
 #include "role.h"
 #include "xmalloc.h"
@@ -159,6 +160,11 @@ outbox_on_claimed(void *arg, PGresult *res, const char *err)
     evbuffer_add(sent, "}\0", 2);
     evbuffer_add(failed, "}\0", 2);
     o->published += (unsigned long long)nsent;
+    struct shm_metrics *m = role_metrics(o->ctx);
+    atomic_fetch_add_explicit(&m->counters[MC_EVENTS_PUBLISHED_NNG], (uint64_t)nsent,
+                              memory_order_relaxed);
+    atomic_fetch_add_explicit(&m->counters[MC_EVENTS_PUBLISH_FAILED_NNG], (uint64_t)nfailed,
+                              memory_order_relaxed);
     const char *params[2] = {(const char *)evbuffer_pullup(sent, -1),
                              (const char *)evbuffer_pullup(failed, -1)};
     /* Every batch may hide more work behind it. */
@@ -209,11 +215,31 @@ outbox_on_notify(void *arg, const char *channel, const char *payload)
 }
 
 static void
+outbox_on_backlog(void *arg, PGresult *res, const char *err)
+{
+    struct outbox *o = arg;
+    (void)err;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1)
+        return;
+    struct shm_metrics *m = role_metrics(o->ctx);
+    atomic_store_explicit(&m->events_pending, strtoll(PQgetvalue(res, 0, 0), NULL, 10),
+                          memory_order_relaxed);
+    atomic_store_explicit(&m->events_oldest_age_s, strtoll(PQgetvalue(res, 0, 1), NULL, 10),
+                          memory_order_relaxed);
+}
+
+static void
 outbox_on_poll(evutil_socket_t fd, short what, void *arg)
 {
+    struct outbox *o = arg;
     (void)fd;
     (void)what;
-    outbox_kick(arg);
+    outbox_kick(o);
+    /* The backlog for the metrics; cheap through the partial index on unsent rows. */
+    pgev_exec(o->pg,
+              "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::bigint"
+              " FROM outbox WHERE sent_at IS NULL",
+              0, NULL, outbox_on_backlog, o);
 }
 
 static void

@@ -88,6 +88,11 @@ class OutboxTest(unittest.TestCase):
         self.assertEqual(got[1]["event"]["id"], ids[1])
         wait_for(lambda: sql("SELECT count(*) FROM outbox WHERE aggregate_id = '%s' AND sent_at IS NULL" % pi) == [["0"]],
                  10, what="marked sent")
+        metrics = self.pd.metrics()
+        published = [l for l in metrics.splitlines() if l.startswith('paymentd_events_published_total{sink="nng"} ')]
+        self.assertTrue(published and int(published[0].split()[-1]) >= 2, published)
+        self.assertIn("paymentd_events_pending ", metrics)
+        self.assertIn("paymentd_events_oldest_pending_age_seconds ", metrics)
         # A dispatcher that died after publishing and before marking: the row is
         # still pending, and it goes out again with the same event id.
         sql("UPDATE outbox SET sent_at = NULL, available_at = now() WHERE event_id = '%s'" % ids[1])
