@@ -127,6 +127,13 @@ void lists_respond(struct api_req *r, PGresult *res, const struct list_query *lq
     "  ORDER BY p.id " order " LIMIT $8)"                                                          \
     " SELECT c.ok, page.obj FROM c LEFT JOIN page ON true ORDER BY page.id " order
 
+/* webhooks.c */
+void webhooks_create(struct api_req *r);
+void webhooks_list(struct api_req *r);
+void webhooks_retrieve(struct api_req *r);
+void webhooks_update(struct api_req *r);
+void webhooks_delete(struct api_req *r);
+
 /* events.c */
 void events_list(struct api_req *r);
 void events_retrieve(struct api_req *r);

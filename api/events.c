@@ -45,7 +45,7 @@ events_list(struct api_req *r)
                              lq->bound[2], lq->bound[3], lq->cursor,   lq->fetch};
 #define EVENTS_PAGE(cmp, order)                                                                    \
     LISTS_SQL("outbox", "event_id", "p.payload::text", "p.type = $2",                              \
-              "p.aggregate_type = 'payment_intent'", cmp, order)
+              "p.aggregate_type <> 'order'", cmp, order)
     pgev_exec(r->api->pg, lq->backward ? EVENTS_PAGE(">", "ASC") : EVENTS_PAGE("<", "DESC"), 8,
               params, events_on_list, r);
 #undef EVENTS_PAGE
@@ -83,6 +83,6 @@ events_retrieve(struct api_req *r)
     const char *params[2] = {r->id, account};
     pgev_exec(r->api->pg,
               "SELECT payload::text FROM outbox WHERE event_id = $1 AND account_id = $2"
-              " AND aggregate_type = 'payment_intent'",
+              " AND aggregate_type <> 'order'",
               2, params, events_on_one, r);
 }

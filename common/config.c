@@ -101,6 +101,12 @@ static const struct config_desc config_keys[CFG__COUNT] = {
     [CFG_INTAKE_URL] = {"INTAKE_URL", T_STRING, NULL, 6, 300, 0, OFF(intake_url), false, false},
     [CFG_SAGA_ACCOUNT] = {"SAGA_ACCOUNT", T_STRING, NULL, 6, 64, 0, OFF(saga_account), false,
                           false},
+    [CFG_WEBHOOK_ALLOW_PRIVATE] = {"WEBHOOK_ALLOW_PRIVATE", T_INT, "0", 0, 1, 0,
+                                   OFF(webhook_allow_private), false, false},
+    [CFG_WEBHOOK_RETRY_WINDOW] = {"WEBHOOK_RETRY_WINDOW", T_DURATION, "72h", 1000, 2592000000, 1000,
+                                  OFF(webhook_retry_window_ms), false, false},
+    [CFG_WEBHOOK_TIMEOUT_MS] = {"WEBHOOK_TIMEOUT_MS", T_DURATION, "10000", 100, 60000, 1,
+                                OFF(webhook_timeout_ms), false, false},
 };
 
 const char *

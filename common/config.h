@@ -46,6 +46,9 @@ enum config_key {
     CFG_OUTBOX_START_DELAY_MS,
     CFG_INTAKE_URL,
     CFG_SAGA_ACCOUNT,
+    CFG_WEBHOOK_ALLOW_PRIVATE,
+    CFG_WEBHOOK_RETRY_WINDOW,
+    CFG_WEBHOOK_TIMEOUT_MS,
     CFG__COUNT
 };
 
@@ -89,6 +92,9 @@ struct config {
     int64_t outbox_start_delay_ms;
     const char *intake_url;   /* NULL: ipc://RUN_DIR/intake.ipc */
     const char *saga_account; /* NULL: no saga intake */
+    int webhook_allow_private;
+    int64_t webhook_retry_window_ms;
+    int64_t webhook_timeout_ms;
 };
 
 /* Loads the configuration: defaults, then the environment, then the file at

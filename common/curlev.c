@@ -15,11 +15,14 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
+#include "net.h"
 #include "xmalloc.h"
 
 struct curlev {
     struct event_base *base;
+    bool deny_private;
     CURLM *multi;
     struct event *timer;
     int running;
@@ -167,6 +170,23 @@ curlev_check_done(struct curlev *c)
     }
 }
 
+/* Refuses to connect to a private address, whatever name led there (a DNS
+ * answer can change between a check and the connection: the check is here). */
+static curl_socket_t
+curlev_open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *address)
+{
+    (void)clientp;
+    if (purpose != CURLSOCKTYPE_IPCXN || net_address_private(&address->addr))
+        return CURL_SOCKET_BAD;
+    return socket(address->family, address->socktype | SOCK_CLOEXEC, address->protocol);
+}
+
+void
+curlev_set_deny_private(struct curlev *c, bool deny)
+{
+    c->deny_private = deny;
+}
+
 struct curlev *
 curlev_new(struct event_base *base)
 {
@@ -211,6 +231,8 @@ curlev_request(struct curlev *c, const char *method, const char *url, const char
     curl_easy_setopt(x->easy, CURLOPT_CONNECTTIMEOUT_MS, timeout_ms < 5000 ? timeout_ms : 5000);
     curl_easy_setopt(x->easy, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(x->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+    if (c->deny_private)
+        curl_easy_setopt(x->easy, CURLOPT_OPENSOCKETFUNCTION, curlev_open_socket);
     if (body) {
         x->body = xstrdup(body);
         curl_easy_setopt(x->easy, CURLOPT_POSTFIELDS, x->body);

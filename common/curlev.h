@@ -4,6 +4,7 @@
 
 #include <curl/curl.h>
 #include <event2/event.h>
+#include <stdbool.h>
 #include <stddef.h>
 
 struct curlev;
@@ -29,5 +30,7 @@ void curlev_request(struct curlev *c, const char *method, const char *url,
                     const char *const *headers, const char *body, long timeout_ms, curlev_cb cb,
                     void *arg);
 int curlev_in_flight(const struct curlev *c);
+/* Refuse connections to loopback, link-local and private addresses. */
+void curlev_set_deny_private(struct curlev *c, bool deny);
 
 #endif

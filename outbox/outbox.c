@@ -35,6 +35,7 @@
 #include "envelope.h"
 #include "log.h"
 #include "metrics.h"
+#include "outbox.h"
 #include "pgev.h"
 #include "role.h"
 #include "xmalloc.h"
@@ -50,6 +51,7 @@ struct outbox {
     bool open;  /* the start delay has passed */
     bool again; /* woken while busy: look again when done */
     struct event *poll;
+    struct deliver *deliver;
     char lease[24];
     char last_error[160]; /* the error last logged, so a repeating one is logged once */
     unsigned long long published;
@@ -87,6 +89,8 @@ outbox_on_marked(void *arg, PGresult *res, const char *err)
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK)
         outbox_db_error(o, "marking events failed; they will be published again",
                         err ? err : PQresultErrorMessage(res));
+    else if (strcmp(PQgetvalue(res, 0, 2), "0") != 0)
+        deliver_kick(o->deliver); /* new webhook deliveries */
     o->busy = false;
     if (o->again) {
         o->again = false;
@@ -175,8 +179,15 @@ outbox_on_claimed(void *arg, PGresult *res, const char *err)
               " f AS (UPDATE outbox SET last_error = 'publish failed',"
               "  available_at = now() + make_interval(secs => random() *"
               "   least(3600, 2 ^ least(attempts, 12)))"
-              "  WHERE id = ANY($2::bigint[]) RETURNING 1)"
-              " SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM f)",
+              "  WHERE id = ANY($2::bigint[]) RETURNING 1),"
+              " d AS (INSERT INTO webhook_deliveries (endpoint_id, outbox_id)"
+              "  SELECT w.id, o.id FROM outbox o JOIN webhook_endpoints w"
+              "   ON w.account_id = o.account_id AND w.status = 'enabled' AND NOT w.deleted"
+              "  WHERE o.id = ANY($1::bigint[]) AND o.aggregate_type <> 'order'"
+              "  AND (o.type = ANY(w.enabled_events) OR '*' = ANY(w.enabled_events))"
+              "  ON CONFLICT DO NOTHING RETURNING 1)"
+              " SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM f),"
+              "  (SELECT count(*) FROM d)",
               2, params, outbox_on_marked, o);
     evbuffer_free(sent);
     evbuffer_free(failed);
@@ -280,9 +291,11 @@ outbox_main(struct role_ctx *ctx)
     struct timeval delay = {(time_t)(cfg->outbox_start_delay_ms / 1000),
                             (suseconds_t)((cfg->outbox_start_delay_ms % 1000) * 1000)};
     evtimer_add(open, &delay);
+    o.deliver = deliver_start(ctx, o.pg);
     log_info("publishing events at %s", url);
     role_ready(ctx);
     event_base_dispatch(ctx->base);
+    deliver_stop(o.deliver);
     event_free(o.poll);
     event_free(open);
     pgev_pool_free(o.listen);
