@@ -74,6 +74,10 @@ static const struct counter_desc counter_catalog[MC__COUNT] = {
     [MC_EVENTS_PUBLISHED_NNG] = {"paymentd_events_published_total", "Events published, by sink."},
     [MC_EVENTS_PUBLISH_FAILED_NNG] = {"paymentd_events_publish_failures_total",
                                       "Events a sink did not accept (retried later), by sink."},
+    [MC_WEBHOOK_ATTEMPTS] = {"paymentd_webhook_delivery_attempts_total",
+                             "Webhook deliveries tried."},
+    [MC_WEBHOOK_FAILURES] = {"paymentd_webhook_delivery_failures_total",
+                             "Webhook delivery tries that did not get a 2xx in time."},
 };
 
 void

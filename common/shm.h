@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 #define SHM_MAGIC          0x50415944u /* "PAYD" */
-#define SHM_LAYOUT_VERSION 5u
+#define SHM_LAYOUT_VERSION 6u
 #define SHM_MAX_SLOTS      72 /* supervisor + 32 api + 32 workers + outbox + exporter + spare */
 
 enum role_kind { ROLE_SUPERVISOR, ROLE_API, ROLE_WORKER, ROLE_OUTBOX, ROLE_EXPORTER, ROLE__COUNT };
@@ -38,6 +38,8 @@ enum metric_counter {
     MC_SAGA_REJECTED,
     MC_EVENTS_PUBLISHED_NNG,
     MC_EVENTS_PUBLISH_FAILED_NNG,
+    MC_WEBHOOK_ATTEMPTS,
+    MC_WEBHOOK_FAILURES,
     MC__COUNT
 };
 

@@ -27,6 +27,7 @@
 #include "crypto.h"
 #include "curlev.h"
 #include "log.h"
+#include "metrics.h"
 #include "outbox.h"
 #include "xmalloc.h"
 
@@ -77,6 +78,9 @@ deliver_on_response(void *arg, const struct curlev_response *resp)
     else
         snprintf(error, sizeof(error), "answered %ld", resp->status);
     d->in_flight--;
+    metric_inc(role_metrics(d->ctx), ok ? MC_WEBHOOK_ATTEMPTS : MC_WEBHOOK_FAILURES);
+    if (!ok)
+        metric_inc(role_metrics(d->ctx), MC_WEBHOOK_ATTEMPTS);
     const char *params[5] = {a->id, ok ? "t" : "f", resp->status ? status : NULL, ok ? NULL : error,
                              d->window};
     /* One statement: the delivery's outcome, the endpoint's failure streak,

@@ -125,6 +125,10 @@ class WebhooksTest(unittest.TestCase):
         event = json.loads(body)
         self.assertEqual((event["type"], event["data"]["object"]["id"]), ("payment_intent.succeeded", pi))
         self.assertEqual(headers["Payments-Signature"], headers["Stripe-Signature"])
+        values = dict(line.split() for line in self.pd.metrics().splitlines()
+                      if line.startswith("paymentd_webhook_delivery_"))
+        self.assertGreaterEqual(int(values["paymentd_webhook_delivery_attempts_total"]), 4)
+        self.assertGreaterEqual(int(values["paymentd_webhook_delivery_failures_total"]), 3)
         row = sql("SELECT d.status, d.attempts FROM webhook_deliveries d JOIN webhook_endpoints w ON"
                   " w.id = d.endpoint_id WHERE w.public_id = '%s'" % we["id"])
         self.assertEqual(row, [["delivered", "4"]])
