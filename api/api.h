@@ -38,6 +38,8 @@ struct list_query {
     char created[4][24];  /* gte, gt, lte, lt as text */
     const char *bound[4]; /* the same, NULL when absent (query parameters) */
     char fetch[24];       /* limit + 1 */
+    const char *what;     /* the resource's name, for errors */
+    const char *url;      /* the list's URL */
 };
 
 struct api_req;
@@ -102,6 +104,12 @@ void idem_finish(struct api_req *r, int status, const char *body);
 
 /* lists.c */
 int lists_parse(const json_t *params, struct list_query *lq, struct params_error *err);
+/* A whole list request: the allowed parameters, one optional string filter
+ * ($2 of the page statements), and the page statement for each direction
+ * (LISTS_SQL with "<", "DESC" and with ">", "ASC"). */
+void lists_run(struct api_req *r, const char *const *allowed, const char *filter_param,
+               const char *sql_forward, const char *sql_backward, const char *what,
+               const char *url);
 /* res: one row (cursor_ok, NULL) for an empty page, else (cursor_ok, object text) per row. */
 void lists_respond(struct api_req *r, PGresult *res, const struct list_query *lq, const char *what,
                    const char *url);

@@ -16,38 +16,14 @@
 static const char *const list_params[] = {
     "limit", "starting_after", "ending_before", "type", "created", "expand", NULL};
 
-static void
-events_on_list(void *arg, PGresult *res, const char *err)
-{
-    struct api_req *r = arg;
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        v1_db_error(r, err ? err : PQresultErrorMessage(res));
-        return;
-    }
-    lists_respond(r, res, &r->list, "event", "/v1/events");
-}
-
 void
 events_list(struct api_req *r)
 {
-    struct params_error e;
-    const char *type = NULL;
-    char account[24];
-    struct list_query *lq = &r->list;
-
-    if (params_only(r->params, list_params, &e) < 0 || lists_parse(r->params, lq, &e) < 0 ||
-        params_str(r->params, "type", 100, &type, &e) < 0) {
-        v1_params_error(r, &e);
-        return;
-    }
-    snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
-    const char *params[8] = {account,      type,         lq->bound[0], lq->bound[1],
-                             lq->bound[2], lq->bound[3], lq->cursor,   lq->fetch};
 #define EVENTS_PAGE(cmp, order)                                                                    \
     LISTS_SQL("outbox", "event_id", "p.payload::text", "p.type = $2",                              \
               "p.aggregate_type <> 'order'", cmp, order)
-    pgev_exec(r->api->pg, lq->backward ? EVENTS_PAGE(">", "ASC") : EVENTS_PAGE("<", "DESC"), 8,
-              params, events_on_list, r);
+    lists_run(r, list_params, "type", EVENTS_PAGE("<", "DESC"), EVENTS_PAGE(">", "ASC"), "event",
+              "/v1/events");
 #undef EVENTS_PAGE
 }
 

@@ -737,33 +737,12 @@ intents_cancel(struct api_req *r)
 
 /* ---- list ---- */
 
-static void
-intents_on_list(void *arg, PGresult *res, const char *err)
-{
-    struct api_req *r = arg;
-    if (intents_ok(r, res, err))
-        lists_respond(r, res, &r->list, "payment_intent", "/v1/payment_intents");
-}
-
 void
 intents_list(struct api_req *r)
 {
-    struct params_error e;
-    const char *customer = NULL;
-    char account[24];
-    struct list_query *lq = &r->list;
-
-    if (params_only(r->params, list_params, &e) < 0 || lists_parse(r->params, lq, &e) < 0 ||
-        params_str(r->params, "customer", 255, &customer, &e) < 0) {
-        v1_params_error(r, &e);
-        return;
-    }
-    snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
-    const char *params[8] = {account,      customer,     lq->bound[0], lq->bound[1],
-                             lq->bound[2], lq->bound[3], lq->cursor,   lq->fetch};
 #define INTENTS_PAGE(cmp, order)                                                                   \
     LISTS_SQL("payment_intents", "public_id", OBJ("p"), "p.customer = $2", "true", cmp, order)
-    pgev_exec(r->api->pg, lq->backward ? INTENTS_PAGE(">", "ASC") : INTENTS_PAGE("<", "DESC"), 8,
-              params, intents_on_list, r);
+    lists_run(r, list_params, "customer", INTENTS_PAGE("<", "DESC"), INTENTS_PAGE(">", "ASC"),
+              "payment_intent", "/v1/payment_intents");
 #undef INTENTS_PAGE
 }

@@ -3,7 +3,8 @@
  * starting_after / ending_before cursors and created[gte|gt|lte|lt]
  * parameters, and the {"object": "list", "data", "has_more", "url"} answer.
  *
- * Offers lists_parse() and lists_respond(). Pages are keyset pages on the
+ * Offers lists_run() (a whole list request), lists_parse() and
+ * lists_respond(). Pages are keyset pages on the
  * resource's identity key (never OFFSET): a statement fetches limit + 1 rows
  * after (or before) the cursor, and the extra row only tells has_more.
  * Calls api, params.
@@ -110,4 +111,37 @@ lists_respond(struct api_req *r, PGresult *res, const struct list_query *lq, con
     evbuffer_free(buf);
     v1_respond(r, 200, text);
     free(text);
+}
+
+static void
+lists_on_page(void *arg, PGresult *res, const char *err)
+{
+    struct api_req *r = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        v1_db_error(r, err ? err : PQresultErrorMessage(res));
+        return;
+    }
+    lists_respond(r, res, &r->list, r->list.what, r->list.url);
+}
+
+void
+lists_run(struct api_req *r, const char *const *allowed, const char *filter_param,
+          const char *sql_forward, const char *sql_backward, const char *what, const char *url)
+{
+    struct params_error e;
+    const char *filter = NULL;
+    char account[24];
+    struct list_query *lq = &r->list;
+
+    if (params_only(r->params, allowed, &e) < 0 || lists_parse(r->params, lq, &e) < 0 ||
+        (filter_param && params_str(r->params, filter_param, 255, &filter, &e) < 0)) {
+        v1_params_error(r, &e);
+        return;
+    }
+    lq->what = what;
+    lq->url = url;
+    snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
+    const char *params[8] = {account,      filter,       lq->bound[0], lq->bound[1],
+                             lq->bound[2], lq->bound[3], lq->cursor,   lq->fetch};
+    pgev_exec(r->api->pg, lq->backward ? sql_backward : sql_forward, 8, params, lists_on_page, r);
 }

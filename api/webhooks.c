@@ -183,34 +183,16 @@ webhooks_retrieve(struct api_req *r)
         2, params, webhooks_on_object, r);
 }
 
-static void
-webhooks_on_list(void *arg, PGresult *res, const char *err)
-{
-    struct api_req *r = arg;
-    if (webhooks_ok(r, res, err))
-        lists_respond(r, res, &r->list, "webhook_endpoint", "/v1/webhook_endpoints");
-}
-
 void
 webhooks_list(struct api_req *r)
 {
     static const char *const allowed[] = {"limit", "starting_after", "ending_before", "expand",
                                           NULL};
-    struct params_error e;
-    char account[24];
-    struct list_query *lq = &r->list;
-    if (params_only(r->params, allowed, &e) < 0 || lists_parse(r->params, lq, &e) < 0) {
-        v1_params_error(r, &e);
-        return;
-    }
-    snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
-    const char *params[8] = {account,      NULL,         lq->bound[0], lq->bound[1],
-                             lq->bound[2], lq->bound[3], lq->cursor,   lq->fetch};
 #define WE_PAGE(cmp, order)                                                                        \
     LISTS_SQL("webhook_endpoints", "public_id", WE_OBJ("p", "false"), "true", "NOT p.deleted",     \
               cmp, order)
-    pgev_exec(r->api->pg, lq->backward ? WE_PAGE(">", "ASC") : WE_PAGE("<", "DESC"), 8, params,
-              webhooks_on_list, r);
+    lists_run(r, allowed, NULL, WE_PAGE("<", "DESC"), WE_PAGE(">", "ASC"), "webhook_endpoint",
+              "/v1/webhook_endpoints");
 #undef WE_PAGE
 }
 
