@@ -167,3 +167,91 @@ class OutboxTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class OutboxCrashTest(unittest.TestCase):
+    """kill -9 of the dispatcher after it published an event and before its
+    "mark sent" committed: the event comes again, with the same id."""
+
+    def test_kill_9_between_publish_and_mark(self):
+        migrate()
+        gw = Gateway()
+        self.addCleanup(gw.stop)
+        pd = Paymentd(GATEWAY_URL=gw.url, OUTBOX_LEASE_MS=1500, OUTBOX_POLL_MS=200)
+        self.addCleanup(pd.cleanup)
+        pd.start()
+        _, _, key = new_account("crash")
+        c = Client(pd.port, key)
+        pd.ctl("stop", "outbox")
+        wait_for(lambda: pd.role("outbox", 0)["state"] == "stopped", 10, what="outbox stopped")
+        code, pi = c.post("/v1/payment_intents", {"amount": 700, "currency": "usd"})
+        self.assertEqual(code, 200)
+        # A test-only trigger holds the "mark sent" of this payment's event for
+        # three seconds, then aborts it: what a dispatcher killed before its
+        # commit leaves behind. The test kills the dispatcher inside the hold.
+        sql("CREATE OR REPLACE FUNCTION test_hold_mark() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN IF OLD.sent_at IS NULL AND NEW.sent_at IS NOT NULL AND NEW.aggregate_id = '%s' THEN"
+            " PERFORM pg_sleep(3); RAISE EXCEPTION 'mark held and dropped by the test';"
+            " END IF; RETURN NEW; END $$;"
+            " CREATE TRIGGER test_hold_mark BEFORE UPDATE ON outbox FOR EACH ROW"
+            " EXECUTE FUNCTION test_hold_mark();" % pi["id"])
+        self.addCleanup(sql, "DROP TRIGGER IF EXISTS test_hold_mark ON outbox; DROP FUNCTION IF EXISTS test_hold_mark()")
+        sub = Subscriber(pd)
+        self.addCleanup(sub.close)
+        pd.ctl("start", "outbox")
+        first = sub.until(lambda ev: of(ev, pi["id"]))
+        event_id = of(first, pi["id"])[0]["event_id"]
+        time.sleep(0.3)  # the mark is now held inside the trigger
+        self.assertEqual(sql("SELECT sent_at IS NULL FROM outbox WHERE event_id = '%s'" % event_id), [["t"]])
+        os.kill(pd.role("outbox", 0)["pid"], signal.SIGKILL)
+        sql("DROP TRIGGER test_hold_mark ON outbox")
+        again = sub.until(lambda ev: of(ev, pi["id"]), timeout=30)
+        self.assertEqual([e["event_id"] for e in of(again, pi["id"])], [event_id])
+        wait_for(lambda: sql("SELECT sent_at IS NOT NULL FROM outbox WHERE event_id = '%s'" % event_id) == [["t"]],
+                 20, what="marked sent after the restart")
+
+
+class DocumentedFormatTest(unittest.TestCase):
+    """A subscriber written from README alone decodes every event type."""
+
+    def test_every_event_type(self):
+        migrate()
+        gw = Gateway()
+        self.addCleanup(gw.stop)
+        acct, _, key = new_account("format")
+        pd = Paymentd(GATEWAY_URL=gw.url, SAGA_ACCOUNT=acct, OUTBOX_POLL_MS=200)
+        self.addCleanup(pd.cleanup)
+        pd.start()
+        wait_for(lambda: "taking InventoryReserved" in pd.logs(), 15, what="intake open")
+        c = Client(pd.port, key)
+        proc = subprocess.Popen([os.path.join(BIN, "doc_subscriber"), "ipc://%s/events.ipc" % pd.run_dir, "1000"],
+                                stdout=subprocess.PIPE, text=True)
+        self.addCleanup(proc.kill)
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(l.strip()) for l in proc.stdout], daemon=True).start()
+        time.sleep(0.5)
+        pay = lambda **kw: c.post("/v1/payment_intents", dict({"amount": 500, "currency": "usd"}, **kw))
+        pay(payment_method="pm_card_visa", confirm="true")                       # created, succeeded
+        pay(payment_method="pm_card_chargeDeclined", confirm="true")             # payment_failed
+        code, ra = pay(payment_method="pm_card_authenticationRequired", confirm="true")  # requires_action
+        c.post("/v1/payment_intents/%s/cancel" % ra["id"])                        # canceled
+        pay(payment_method="pm_card_visa", capture_method="manual", confirm="true")  # amount_capturable_updated
+        for pm in ("pm_card_visa", "pm_card_chargeDeclined"):                     # PaymentCompleted, PaymentFailed
+            r = subprocess.run([os.path.join(BIN, "paymentctl"), "--run-dir", pd.run_dir, "intake"],
+                               input=json.dumps({"orderId": "ord_" + pm, "amount": 800, "currency": "usd",
+                                                 "paymentMethod": pm, "eventId": "e"}),
+                               text=True, capture_output=True,
+                               env={k: v for k, v in pd.env.items() if k != "RUN_DIR"})
+            self.assertEqual(r.returncode, 0, r.stderr)
+        wanted = {"payment_intent.created", "payment_intent.succeeded", "payment_intent.payment_failed",
+                  "payment_intent.requires_action", "payment_intent.canceled",
+                  "payment_intent.amount_capturable_updated", "PaymentCompleted", "PaymentFailed"}
+        seen, deadline = set(), time.monotonic() + 30
+        while not wanted <= seen and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self.assertFalse(line.startswith("BAD"), line)
+            seen.add(line.split()[0])
+        self.assertLessEqual(wanted, seen)
