@@ -90,6 +90,8 @@ int envelope_get_bool(const msgpack_object *map, const char *key, bool *out);
 #define MSG_JOB_REPLY          "job.reply"   /* worker -> api: the intent after the job */
 #define MSG_EVENT              "event"       /* outbox -> subscribers: one Stripe-shaped event */
 #define MSG_INVENTORY_RESERVED "InventoryReserved" /* publishers -> api: pay for an order */
+#define MSG_EVENTS_REPLAY      "events.replay"     /* subscriber -> outbox: events after an id */
+#define MSG_EVENTS_BATCH       "events.batch"      /* outbox -> subscriber: those events */
 
 bool envelope_type_known(const char *type);
 

@@ -18,6 +18,10 @@
  *     by type with NNG's prefix subscriptions;
  *   - only then does it mark the rows sent; a failed publish is retried
  *     after an exponential back-off with full jitter;
+ *   - a subscriber that was away asks for what it missed: on the role's
+ *     REP socket (ipc://RUN_DIR/outbox.N.ipc) an events.replay request with
+ *     the last event id it saw is answered with the events sent after it,
+ *     in order, with their own ids (outbox_replay);
  *   - PUB drops what it sends while a subscriber is not connected, and
  *     subscribers re-dial a restarted dispatcher only after a moment: the
  *     first publish waits OUTBOX_START_DELAY_MS after the socket is
@@ -28,6 +32,7 @@
 #include <event2/buffer.h>
 #include <nng/nng.h>
 #include <nng/protocol/pubsub0/pub.h>
+#include <nng/protocol/reqrep0/rep.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -253,6 +258,78 @@ outbox_on_poll(evutil_socket_t fd, short what, void *arg)
               0, NULL, outbox_on_backlog, o);
 }
 
+/* ---- replay for subscribers that were away ---- */
+
+struct replay {
+    struct nngev_job *job;
+    char request_id[ENVELOPE_ID_MAX];
+};
+
+static void
+outbox_on_replay_rows(void *arg, PGresult *res, const char *err)
+{
+    struct replay *rp = arg;
+    struct envelope_writer w;
+    size_t n;
+    bool ok = res && PQresultStatus(res) == PGRES_TUPLES_OK;
+    int rows = ok ? PQntuples(res) : 0;
+    int shown = rows > 500 ? 500 : rows;
+    envelope_begin(&w, MSG_EVENTS_BATCH, rp->request_id, 0, ok ? 2 : 1);
+    if (!ok) {
+        envelope_put_str(&w, "error", err ? "database unavailable" : "query failed");
+    } else {
+        envelope_put_bool(&w, "more", rows > 500);
+        envelope_put_key(&w, "events");
+        msgpack_pack_array(&w.pk, (size_t)shown);
+        for (int i = 0; i < shown; i++) {
+            msgpack_pack_map(&w.pk, 4);
+            envelope_pack_str(&w.pk, "event_id");
+            envelope_pack_str(&w.pk, PQgetvalue(res, i, 0));
+            envelope_pack_str(&w.pk, "type");
+            envelope_pack_str(&w.pk, PQgetvalue(res, i, 1));
+            envelope_pack_str(&w.pk, "aggregate_id");
+            envelope_pack_str(&w.pk, PQgetvalue(res, i, 2));
+            envelope_pack_str(&w.pk, "event");
+            envelope_pack_str(&w.pk, PQgetvalue(res, i, 3));
+        }
+    }
+    void *bytes = envelope_finish(&w, &n);
+    nngev_respond(rp->job, nngev_msg(bytes, n));
+    free(bytes);
+    free(rp);
+}
+
+/* The REP socket: pings, and replays of the events sent after a given id. */
+static void
+outbox_on_request(void *arg, struct nngev_job *job, nng_msg *msg)
+{
+    struct outbox *o = arg;
+    struct envelope env;
+    char after[ENVELOPE_ID_MAX] = "";
+    enum envelope_error e = envelope_decode(&env, nng_msg_body(msg), nng_msg_len(msg));
+    if (e == ENV_OK && strcmp(env.type, MSG_EVENTS_REPLAY) == 0 &&
+        envelope_get_str(env.body, "after", after, sizeof(after)) == 0) {
+        struct replay *rp = xcalloc(1, sizeof(*rp));
+        rp->job = job;
+        snprintf(rp->request_id, sizeof(rp->request_id), "%s", env.request_id);
+        const char *params[1] = {after};
+        /* Sent events only: the rest are on their way through PUB. An unknown
+         * or empty id replays from the start of what is kept. */
+        pgev_exec(o->pg,
+                  "SELECT event_id, type, aggregate_id, payload::text FROM outbox"
+                  " WHERE sent_at IS NOT NULL AND id > coalesce((SELECT id FROM outbox"
+                  "  WHERE event_id = $1), 0) ORDER BY id LIMIT 501",
+                  1, params, outbox_on_replay_rows, rp);
+        envelope_free(&env);
+        nng_msg_free(msg);
+        return;
+    }
+    envelope_free(&env);
+    nng_msg *reply = role_answer_ping(o->ctx, nng_msg_body(msg), nng_msg_len(msg));
+    nng_msg_free(msg);
+    nngev_respond(job, reply);
+}
+
 static void
 outbox_on_open(evutil_socket_t fd, short what, void *arg)
 {
@@ -272,8 +349,11 @@ outbox_main(struct role_ctx *ctx)
     char url[400];
     int rv;
 
-    if (role_serve_pings(ctx, &ping) < 0)
+    role_url(cfg, ROLE_OUTBOX, ctx->index, url, sizeof(url));
+    if ((rv = nng_rep0_open(&ping)) != 0 || (rv = nng_listen(ping, url, NULL, 0)) != 0) {
+        log_error("cannot listen at %s: %s", url, nng_strerror(rv));
         return EXIT_ROLE_FAILURE;
+    }
     role_events_url(cfg, url, sizeof(url));
     if ((rv = nng_pub0_open(&o.pub)) != 0 || (rv = nng_listen(o.pub, url, NULL, 0)) != 0) {
         log_error("cannot publish events at %s: %s", url, nng_strerror(rv));
@@ -292,6 +372,7 @@ outbox_main(struct role_ctx *ctx)
                             (suseconds_t)((cfg->outbox_start_delay_ms % 1000) * 1000)};
     evtimer_add(open, &delay);
     o.deliver = deliver_start(ctx, o.pg);
+    nngev_serve(ctx->nngev, ping, 4, outbox_on_request, &o);
     log_info("publishing events at %s", url);
     role_ready(ctx);
     event_base_dispatch(ctx->base);

@@ -41,8 +41,10 @@ usage(FILE *out)
                  "  intake [--raw]          send an InventoryReserved message, given as JSON on\n"
                  "                          stdin (orderId, amount, currency, customerId,\n"
                  "                          paymentMethod, eventId); --raw sends stdin as is\n"
-                 "  subscribe [TYPE|all] [N] print events as JSON lines (every type, or one;\n"
-                 "                          stop after N)\n"
+                 "  subscribe [TYPE|all] [N] [--after EVENT_ID]\n"
+                 "                          print events as JSON lines (every type, or one;\n"
+                 "                          stop after N); --after first replays what was\n"
+                 "                          sent after that event\n"
                  "  migrate                 apply the database migrations that are missing\n"
                  "  create-account NAME     create an account and print its id\n"
                  "  create-key ACCOUNT      create a secret API key and print it (once)\n");
@@ -289,9 +291,67 @@ ctl_intake(const char *run_dir, const char *config_path, bool raw)
     return rc;
 }
 
-/* Prints each event published by the outbox as one JSON line. */
+static void
+ctl_print_event(const char *event_id, const char *type, const char *json, int len)
+{
+    printf("{\"event_id\":\"%s\",\"type\":\"%s\",\"event\":%.*s}\n", event_id, type, len, json);
+}
+
+/* Prints the events sent after `after`, asking the outbox in batches;
+ * returns how many were printed, or -1. */
+static long
+ctl_replay(const char *run_dir, const char *type, char *after, size_t cap)
+{
+    char url[600];
+    long printed = 0;
+    bool more = true;
+    snprintf(url, sizeof(url), "ipc://%s/outbox.0.ipc", run_dir);
+    while (more) {
+        struct envelope_writer w;
+        struct envelope reply;
+        nng_msg *raw;
+        size_t len;
+        envelope_begin(&w, MSG_EVENTS_REPLAY, NULL, 0, 1);
+        envelope_put_str(&w, "after", after);
+        void *bytes = envelope_finish(&w, &len);
+        int rc = ctl_call(url, bytes, len, &reply, &raw);
+        free(bytes);
+        if (rc < 0)
+            return -1;
+        const msgpack_object *events = envelope_get(reply.body, "events");
+        more = false;
+        envelope_get_bool(reply.body, "more", &more);
+        if (!events || events->type != MSGPACK_OBJECT_ARRAY) {
+            fprintf(stderr, "paymentctl: replay refused by the outbox\n");
+            envelope_free(&reply);
+            nng_msg_free(raw);
+            return -1;
+        }
+        for (uint32_t i = 0; i < events->via.array.size; i++) {
+            const msgpack_object *e = &events->via.array.ptr[i];
+            char id[ENVELOPE_ID_MAX], etype[120];
+            const msgpack_object *ev = envelope_get(e, "event");
+            if (envelope_get_str(e, "event_id", id, sizeof(id)) < 0 ||
+                envelope_get_str(e, "type", etype, sizeof(etype)) < 0 || !ev ||
+                ev->type != MSGPACK_OBJECT_STR)
+                continue;
+            snprintf(after, cap, "%s", id);
+            if (type && strcmp(type, etype) != 0)
+                continue;
+            ctl_print_event(id, etype, ev->via.str.ptr, (int)ev->via.str.size);
+            printed++;
+        }
+        envelope_free(&reply);
+        nng_msg_free(raw);
+    }
+    return printed;
+}
+
+/* Prints each event published by the outbox as one JSON line; with after,
+ * first the events sent after that id (for a subscriber that was away). */
 static int
-ctl_subscribe(const char *run_dir, const char *config_path, const char *type, long count)
+ctl_subscribe(const char *run_dir, const char *config_path, const char *type, long count,
+              const char *after)
 {
     char url[600];
     nng_socket sock;
@@ -320,7 +380,20 @@ ctl_subscribe(const char *run_dir, const char *config_path, const char *type, lo
         return 1;
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
-    for (long seen = 0; count <= 0 || seen < count;) {
+    long seen = 0;
+    if (after) {
+        /* The SUB socket is already dialled: what is published during the
+         * replay waits in it (it may come twice: same ids, at least once). */
+        char cursor[ENVELOPE_ID_MAX];
+        snprintf(cursor, sizeof(cursor), "%s", after);
+        long n = ctl_replay(run_dir, type, cursor, sizeof(cursor));
+        if (n < 0) {
+            nng_close(sock);
+            return 1;
+        }
+        seen = n;
+    }
+    for (; count <= 0 || seen < count;) {
         nng_msg *msg;
         if ((rv = nng_recvmsg(sock, &msg, 0)) != 0) {
             fprintf(stderr, "paymentctl: %s\n", nng_strerror(rv));
@@ -339,8 +412,7 @@ ctl_subscribe(const char *run_dir, const char *config_path, const char *type, lo
             ev->type == MSGPACK_OBJECT_STR) {
             envelope_get_str(env.body, "event_id", event_id, sizeof(event_id));
             envelope_get_str(env.body, "type", etype, sizeof(etype));
-            printf("{\"event_id\":\"%s\",\"type\":\"%s\",\"event\":%.*s}\n", event_id, etype,
-                   (int)ev->via.str.size, ev->via.str.ptr);
+            ctl_print_event(event_id, etype, ev->via.str.ptr, (int)ev->via.str.size);
             seen++;
         } else {
             fprintf(stderr, "paymentctl: dropped a malformed event message\n");
@@ -411,12 +483,22 @@ main(int argc, char **argv)
     }
     if (strcmp(cmd, "subscribe") == 0) {
         long count = 0;
-        const char *type = arg && strcmp(arg, "all") != 0 ? arg : NULL;
-        if (optind + 2 < argc && config_parse_int(argv[optind + 2], 1, 100000000, &count) < 0) {
-            fprintf(stderr, "paymentctl: subscribe: N must be a positive integer\n");
-            return 2;
+        const char *type = NULL, *after = NULL;
+        int positional = 0;
+        for (int i = optind + 1; i < argc; i++) {
+            if (strcmp(argv[i], "--after") == 0 && i + 1 < argc) {
+                after = argv[++i];
+            } else if (positional == 0) {
+                type = strcmp(argv[i], "all") != 0 ? argv[i] : NULL;
+                positional++;
+            } else if (positional == 1 && config_parse_int(argv[i], 1, 100000000, &count) == 0) {
+                positional++;
+            } else {
+                fprintf(stderr, "paymentctl: subscribe [TYPE|all] [N] [--after EVENT_ID]\n");
+                return 2;
+            }
         }
-        return ctl_subscribe(run_dir, config_path, type, count);
+        return ctl_subscribe(run_dir, config_path, type, count, after);
     }
     if (strcmp(cmd, "migrate") == 0 || strcmp(cmd, "create-account") == 0 ||
         strcmp(cmd, "create-key") == 0) {

@@ -17,11 +17,11 @@ from harness import BIN, Client, Gateway, Paymentd, migrate, new_account, sql, w
 class Subscriber:
     """paymentctl subscribe in the background, lines collected in a queue."""
 
-    def __init__(self, pd, url=None, topic="all"):
+    def __init__(self, pd, url=None, topic="all", args=()):
         env = {k: v for k, v in pd.env.items() if k != "RUN_DIR"}
         if url:
             env["EVENTS_URL"] = url
-        self.proc = subprocess.Popen([os.path.join(BIN, "paymentctl"), "--run-dir", pd.run_dir, "subscribe", topic],
+        self.proc = subprocess.Popen([os.path.join(BIN, "paymentctl"), "--run-dir", pd.run_dir, "subscribe", topic] + list(args),
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         self.lines = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -150,6 +150,23 @@ class OutboxTest(unittest.TestCase):
         bad = sql("SELECT count(*) FROM outbox x JOIN outbox y ON x.aggregate_id = y.aggregate_id"
                   " AND x.id < y.id WHERE x.account_id = %s AND x.sent_at > y.sent_at" % self.acct_id)
         self.assertEqual(bad, [["0"]])
+
+    def test_a_subscriber_that_was_away_gets_what_it_missed(self):
+        sub = Subscriber(self.pd)
+        first = self.pay()
+        seen = sub.until(lambda ev: len(of(ev, first)) >= 2)
+        last = seen[-1]["event_id"]
+        sub.close()
+        missed = [self.pay() for _ in range(3)]
+        wait_for(lambda: sql("SELECT count(*) FROM outbox WHERE account_id = %s AND sent_at IS NULL"
+                             % self.acct_id) == [["0"]], 20, what="published while it was away")
+        back = Subscriber(self.pd, args=["--after", last])
+        self.addCleanup(back.close)
+        got = back.until(lambda ev: all(len(of(ev, p)) >= 2 for p in missed))
+        expected = [r[0] for r in sql("SELECT event_id FROM outbox WHERE aggregate_id IN (%s) ORDER BY id"
+                                      % ",".join("'%s'" % p for p in missed))]
+        replayed = [e["event_id"] for e in got if e["event_id"] in expected]
+        self.assertEqual(replayed[:len(expected)], expected)  # in order, with their own ids
 
     def test_a_rolled_back_change_publishes_nothing(self):
         sub = Subscriber(self.pd)
