@@ -154,15 +154,8 @@ void intents_list(struct api_req *r);
 void intents_confirm(struct api_req *r);
 void intents_capture(struct api_req *r);
 void intents_cancel(struct api_req *r);
-/* The columns every job-starting statement returns, in this order, and the
- * job message built from them. */
-#define JOB_COLS                                                                                   \
-    "upd.id, upd.version, upd.public_id, upd.account_id, upd.amount, upd.currency,"                \
-    " coalesce(upd.payment_method, ''), upd.capture_method"
-#define JOB_AMOUNT_COL_OFFSET 4 /* amount is the fifth of JOB_COLS */
-void *intents_job_message(const char *op, const char *request_id, int64_t deadline_ms,
-                          PGresult *res, int row, int amount_col, int64_t amount_to_capture,
-                          const char *reason, size_t *len);
+#include "jobs.h"
+
 #define OBJ(alias) "payment_intent_object(ROW(" alias ".*)::payment_intents)::text"
 
 /* saga.c */

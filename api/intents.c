@@ -174,29 +174,6 @@ intents_on_wait_timeout(evutil_socket_t fd, short what, void *arg)
         intents_respond_object(r, r->pending_body);
 }
 
-/* Writes the job envelope for a worker from a row that has the job
- * columns (JOB_COLS) with its amount at amount_col. */
-void *
-intents_job_message(const char *op, const char *request_id, int64_t deadline_ms, PGresult *res,
-                    int row, int amount_col, int64_t amount_to_capture, const char *reason,
-                    size_t *len)
-{
-    struct envelope_writer w;
-    envelope_begin(&w, MSG_JOB, request_id, deadline_ms, 11);
-    envelope_put_str(&w, "op", op);
-    envelope_put_int(&w, "intent_id", strtoll(PQgetvalue(res, row, amount_col - 4), NULL, 10));
-    envelope_put_int(&w, "version", strtoll(PQgetvalue(res, row, amount_col - 3), NULL, 10));
-    envelope_put_str(&w, "public_id", PQgetvalue(res, row, amount_col - 2));
-    envelope_put_int(&w, "account_id", strtoll(PQgetvalue(res, row, amount_col - 1), NULL, 10));
-    envelope_put_int(&w, "amount", strtoll(PQgetvalue(res, row, amount_col), NULL, 10));
-    envelope_put_str(&w, "currency", PQgetvalue(res, row, amount_col + 1));
-    envelope_put_str(&w, "payment_method", PQgetvalue(res, row, amount_col + 2));
-    envelope_put_str(&w, "capture_method", PQgetvalue(res, row, amount_col + 3));
-    envelope_put_int(&w, "amount_to_capture", amount_to_capture);
-    envelope_put_str(&w, "reason", reason ? reason : "");
-    return envelope_finish(&w, len);
-}
-
 /* Sends a gateway job for request r and arms the CONFIRM_WAIT_MS answer. */
 static void
 intents_send_job(struct api_req *r, const char *op, PGresult *res, int row, int amount_col,
@@ -205,8 +182,8 @@ intents_send_job(struct api_req *r, const char *op, PGresult *res, int row, int 
     size_t n;
     struct api *api = r->api;
     const struct config *cfg = &api->ctx->cfg;
-    void *bytes = intents_job_message(op, r->id, shm_now_ms() + cfg->job_timeout_ms, res, row,
-                                      amount_col, amount_to_capture, reason, &n);
+    void *bytes = jobs_message(op, r->id, shm_now_ms() + cfg->job_timeout_ms, res, row, amount_col,
+                               amount_to_capture, reason, &n);
 
     free(r->pending_body);
     r->pending_body = xstrdup(pending_body);

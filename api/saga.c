@@ -128,9 +128,8 @@ saga_on_created(void *arg, PGresult *res, const char *err)
     }
     const struct config *cfg = &s->api->ctx->cfg;
     size_t n;
-    void *bytes =
-        intents_job_message("confirm", PQgetvalue(res, 0, 0), shm_now_ms() + cfg->job_timeout_ms,
-                            res, 0, 1 + JOB_AMOUNT_COL_OFFSET, 0, NULL, &n);
+    void *bytes = jobs_message("confirm", PQgetvalue(res, 0, 0), shm_now_ms() + cfg->job_timeout_ms,
+                               res, 0, 1 + JOB_AMOUNT_COL_OFFSET, 0, NULL, &n);
     log_info("saga: order %s -> payment %s", order, PQgetvalue(res, 0, 0));
     nngev_request(s->api->ctx->nngev, s->api->workers, nngev_msg(bytes, n),
                   (int)cfg->job_timeout_ms, saga_on_job, p);

@@ -107,6 +107,12 @@ static const struct config_desc config_keys[CFG__COUNT] = {
                                   OFF(webhook_retry_window_ms), false, false},
     [CFG_WEBHOOK_TIMEOUT_MS] = {"WEBHOOK_TIMEOUT_MS", T_DURATION, "10000", 100, 60000, 1,
                                 OFF(webhook_timeout_ms), false, false},
+    [CFG_SWEEP_INTERVAL_MS] = {"SWEEP_INTERVAL_MS", T_DURATION, "5000", 100, 3600000, 1,
+                               OFF(sweep_interval_ms), false, false},
+    [CFG_PROCESSING_LEASE_MS] = {"PROCESSING_LEASE_MS", T_DURATION, "60000", 1000, 86400000, 1,
+                                 OFF(processing_lease_ms), false, false},
+    [CFG_CONSISTENCY_INTERVAL_MS] = {"CONSISTENCY_INTERVAL_MS", T_DURATION, "600000", 500, 86400000,
+                                     1, OFF(consistency_interval_ms), false, false},
 };
 
 const char *

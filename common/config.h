@@ -49,6 +49,9 @@ enum config_key {
     CFG_WEBHOOK_ALLOW_PRIVATE,
     CFG_WEBHOOK_RETRY_WINDOW,
     CFG_WEBHOOK_TIMEOUT_MS,
+    CFG_SWEEP_INTERVAL_MS,
+    CFG_PROCESSING_LEASE_MS,
+    CFG_CONSISTENCY_INTERVAL_MS,
     CFG__COUNT
 };
 
@@ -95,6 +98,9 @@ struct config {
     int webhook_allow_private;
     int64_t webhook_retry_window_ms;
     int64_t webhook_timeout_ms;
+    int64_t sweep_interval_ms;
+    int64_t processing_lease_ms;
+    int64_t consistency_interval_ms;
 };
 
 /* Loads the configuration: defaults, then the environment, then the file at

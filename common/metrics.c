@@ -78,6 +78,13 @@ static const struct counter_desc counter_catalog[MC__COUNT] = {
                              "Webhook deliveries tried."},
     [MC_WEBHOOK_FAILURES] = {"paymentd_webhook_delivery_failures_total",
                              "Webhook delivery tries that did not get a 2xx in time."},
+    [MC_PAYMENTS_REDRIVEN] =
+        {"paymentd_payments_redriven_total",
+         "Payments left processing past their lease and sent to a worker again."},
+    [MC_INTENTS_EXPIRED] = {"paymentd_intents_expired_total",
+                            "Open payment intents canceled at expires_at."},
+    [MC_IDEMPOTENCY_KEYS_REMOVED] = {"paymentd_idempotency_keys_removed_total",
+                                     "Idempotency keys removed after 24 hours."},
 };
 
 void
@@ -314,6 +321,21 @@ metrics_render(const struct shm_segment *seg, const char *version, const char *c
         pending = p > pending ? p : pending; /* every dispatcher sees the same table */
         oldest = o > oldest ? o : oldest;
     }
+    int64_t bad[2] = {0, 0};
+    for (int i = 0; i < SHM_MAX_SLOTS; i++)
+        for (int k = 0; k < 2; k++) {
+            int64_t v =
+                atomic_load_explicit(&seg->slots[i].metrics.inconsistent[k], memory_order_relaxed);
+            bad[k] = v > bad[k] ? v : bad[k];
+        }
+    metrics_header(out, "paymentd_consistency_violations",
+                   "Rows failing a consistency check at its last run, by check.", "gauge");
+    evbuffer_add_printf(out,
+                        "paymentd_consistency_violations{check=\"succeeded_without_transaction\"} "
+                        "%" PRId64 "\n"
+                        "paymentd_consistency_violations{check=\"amount_received_mismatch\"} "
+                        "%" PRId64 "\n",
+                        bad[0], bad[1]);
     metrics_header(out, "paymentd_events_pending", "Events written and not yet published.",
                    "gauge");
     evbuffer_add_printf(out, "paymentd_events_pending %" PRId64 "\n", pending);

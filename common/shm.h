@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 #define SHM_MAGIC          0x50415944u /* "PAYD" */
-#define SHM_LAYOUT_VERSION 6u
+#define SHM_LAYOUT_VERSION 7u
 #define SHM_MAX_SLOTS      72 /* supervisor + 32 api + 32 workers + outbox + exporter + spare */
 
 enum role_kind { ROLE_SUPERVISOR, ROLE_API, ROLE_WORKER, ROLE_OUTBOX, ROLE_EXPORTER, ROLE__COUNT };
@@ -40,6 +40,9 @@ enum metric_counter {
     MC_EVENTS_PUBLISH_FAILED_NNG,
     MC_WEBHOOK_ATTEMPTS,
     MC_WEBHOOK_FAILURES,
+    MC_PAYMENTS_REDRIVEN,
+    MC_INTENTS_EXPIRED,
+    MC_IDEMPOTENCY_KEYS_REMOVED,
     MC__COUNT
 };
 
@@ -93,6 +96,7 @@ struct shm_metrics {
     _Atomic int64_t active_payments;     /* gauge: gateway jobs in flight */
     _Atomic int64_t events_pending;      /* gauge, outbox: unsent events */
     _Atomic int64_t events_oldest_age_s; /* gauge, outbox: age of the oldest unsent event */
+    _Atomic int64_t inconsistent[2];     /* gauges, outbox: consistency check counts */
 };
 
 struct shm_slot {

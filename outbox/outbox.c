@@ -1,5 +1,6 @@
 /*
- * outbox - the event publishing role (and, later, the maintenance sweeps).
+ * outbox - the event publishing role, which also runs the webhook
+ * deliveries (deliver.c) and the maintenance sweeps (sweep.c).
  *
  * Offers outbox_main(), run by role_run() in the outbox process. Every
  * state change writes its event into the outbox table in the same
@@ -57,6 +58,7 @@ struct outbox {
     bool again; /* woken while busy: look again when done */
     struct event *poll;
     struct deliver *deliver;
+    struct sweep *sweep;
     char lease[24];
     char last_error[160]; /* the error last logged, so a repeating one is logged once */
     unsigned long long published;
@@ -372,10 +374,12 @@ outbox_main(struct role_ctx *ctx)
                             (suseconds_t)((cfg->outbox_start_delay_ms % 1000) * 1000)};
     evtimer_add(open, &delay);
     o.deliver = deliver_start(ctx, o.pg);
+    o.sweep = sweep_start(ctx, o.pg);
     nngev_serve(ctx->nngev, ping, 4, outbox_on_request, &o);
     log_info("publishing events at %s", url);
     role_ready(ctx);
     event_base_dispatch(ctx->base);
+    sweep_stop(o.sweep);
     deliver_stop(o.deliver);
     event_free(o.poll);
     event_free(open);

@@ -1,0 +1,243 @@
+/*
+ * sweep - the maintenance sweeps, in the outbox role, run by one leader
+ * across every process and host.
+ *
+ * Offers sweep_start() and sweep_stop(). Leadership is a PostgreSQL
+ * session advisory lock taken with pg_try_advisory_lock on a connection of
+ * its own: whoever holds it sweeps, the others keep trying, and a leader
+ * whose connection drops loses it to the next one. Every SWEEP_INTERVAL_MS
+ * the leader:
+ *   - re-drives payments left in processing for PROCESSING_LEASE_MS (their
+ *     job was lost with an api or a worker): it sends the same confirm job
+ *     again, with the same version and so the same gateway idempotency key;
+ *     a gateway that took the first charge answers with that charge, so the
+ *     payment is finished, never charged twice, and never failed over;
+ *   - cancels open intents past expires_at, with their event;
+ *   - removes idempotency keys older than 24 hours;
+ * and every CONSISTENCY_INTERVAL_MS it counts succeeded intents without a
+ * succeeded charge or capture, and intents whose amount_received differs
+ * from their transactions, into gauges and a log line. Calls pgev, nngev,
+ * jobs.
+ */
+#include <nng/nng.h>
+#include <nng/protocol/reqrep0/req.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "jobs.h"
+#include "log.h"
+#include "metrics.h"
+#include "outbox.h"
+#include "xmalloc.h"
+
+#define SWEEP_LOCK_ID "7215403902"
+
+struct sweep {
+    struct role_ctx *ctx;
+    struct pgev_pool *pg;   /* the sweeps' statements */
+    struct pgev_pool *lock; /* one connection holding the advisory lock */
+    nng_socket workers;
+    struct event *timer;
+    bool leader;
+    bool trying;
+    int64_t last_check_mono;
+    char lease[24];
+};
+
+static void
+sweep_on_job(void *arg, int err, nng_msg *reply)
+{
+    char *id = arg;
+    if (err)
+        log_warn("sweeps: re-driving %s: %s; it will be tried again", id, nng_strerror(err));
+    else
+        log_info("sweeps: payment %s finished after being re-driven", id);
+    if (reply)
+        nng_msg_free(reply);
+    free(id);
+}
+
+static void
+sweep_on_stuck(void *arg, PGresult *res, const char *err)
+{
+    struct sweep *s = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        log_warn("sweeps: looking for stuck payments failed: %s",
+                 err ? err : PQresultErrorMessage(res));
+        return;
+    }
+    const struct config *cfg = &s->ctx->cfg;
+    for (int i = 0; i < PQntuples(res); i++) {
+        size_t n;
+        void *bytes =
+            jobs_message("confirm", PQgetvalue(res, i, 0), shm_now_ms() + cfg->job_timeout_ms, res,
+                         i, 1 + JOB_AMOUNT_COL_OFFSET, 0, NULL, &n);
+        log_warn("sweeps: payment %s was processing past its lease: sending it to a worker again",
+                 PQgetvalue(res, i, 0));
+        metric_inc(role_metrics(s->ctx), MC_PAYMENTS_REDRIVEN);
+        nngev_request(s->ctx->nngev, s->workers, nngev_msg(bytes, n), (int)cfg->job_timeout_ms,
+                      sweep_on_job, xstrdup(PQgetvalue(res, i, 0)));
+        free(bytes);
+    }
+}
+
+static void
+sweep_on_count(void *arg, PGresult *res, const char *err)
+{
+    struct sweep *s = arg;
+    (void)err;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1)
+        return;
+    long long expired = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    long long keys = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+    struct shm_metrics *m = role_metrics(s->ctx);
+    atomic_fetch_add_explicit(&m->counters[MC_INTENTS_EXPIRED], (uint64_t)expired,
+                              memory_order_relaxed);
+    atomic_fetch_add_explicit(&m->counters[MC_IDEMPOTENCY_KEYS_REMOVED], (uint64_t)keys,
+                              memory_order_relaxed);
+    if (expired || keys)
+        log_info("sweeps: %lld intents expired, %lld idempotency keys removed", expired, keys);
+}
+
+static void
+sweep_on_check(void *arg, PGresult *res, const char *err)
+{
+    struct sweep *s = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+        log_warn("sweeps: consistency check failed to run: %s",
+                 err ? err : PQresultErrorMessage(res));
+        return;
+    }
+    int64_t a = strtoll(PQgetvalue(res, 0, 0), NULL, 10),
+            b = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+    struct shm_metrics *m = role_metrics(s->ctx);
+    atomic_store_explicit(&m->inconsistent[0], a, memory_order_relaxed);
+    atomic_store_explicit(&m->inconsistent[1], b, memory_order_relaxed);
+    if (a || b)
+        log_error("consistency check: %lld succeeded intents without a succeeded transaction, "
+                  "%lld intents whose amount_received differs from their transactions",
+                  (long long)a, (long long)b);
+    else
+        log_info("consistency check: no violations");
+}
+
+static void
+sweep_run(struct sweep *s)
+{
+    const char *params[1] = {s->lease};
+    pgev_exec(s->pg,
+              "WITH upd AS (UPDATE payment_intents p SET updated_at = now() FROM"
+              "  (SELECT id FROM payment_intents WHERE status = 'processing'"
+              "   AND updated_at < now() - $1::bigint * interval '1 millisecond'"
+              "   ORDER BY updated_at LIMIT 100 FOR UPDATE SKIP LOCKED) due"
+              "  WHERE p.id = due.id RETURNING p.*)"
+              " SELECT upd.public_id, " JOB_COLS " FROM upd",
+              1, params, sweep_on_stuck, s);
+    pgev_exec(s->pg,
+              "WITH upd AS (UPDATE payment_intents p SET status = 'canceled',"
+              "  cancellation_reason = 'abandoned', canceled_at = now(),"
+              "  version = p.version + 1, updated_at = now() FROM"
+              "  (SELECT id FROM payment_intents WHERE status IN ('requires_payment_method',"
+              "   'requires_confirmation', 'requires_action') AND expires_at < now()"
+              "   LIMIT 500 FOR UPDATE SKIP LOCKED) due WHERE p.id = due.id RETURNING p.*),"
+              " ev AS (SELECT outbox_event(upd.account_id, 'payment_intent.canceled',"
+              "  payment_intent_object(ROW(upd.*)::payment_intents), upd.public_id) FROM upd),"
+              " keys AS (DELETE FROM idempotency_keys WHERE id IN (SELECT id FROM"
+              "  idempotency_keys WHERE created_at < now() - interval '24 hours' LIMIT 1000)"
+              "  RETURNING 1)"
+              " SELECT (SELECT count(*) FROM ev), (SELECT count(*) FROM keys)",
+              0, NULL, sweep_on_count, s);
+    int64_t now = shm_mono_ms();
+    if (s->last_check_mono && now - s->last_check_mono < s->ctx->cfg.consistency_interval_ms)
+        return;
+    s->last_check_mono = now;
+    pgev_exec(s->pg,
+              "SELECT (SELECT count(*) FROM payment_intents p WHERE p.status = 'succeeded'"
+              "  AND NOT EXISTS (SELECT 1 FROM payment_transactions t WHERE"
+              "  t.payment_intent_id = p.id AND t.status = 'succeeded'"
+              "  AND t.type IN ('charge', 'capture'))),"
+              " (SELECT count(*) FROM payment_intents p WHERE p.amount_received <>"
+              "  coalesce((SELECT sum(t.amount) FROM payment_transactions t WHERE"
+              "  t.payment_intent_id = p.id AND t.status = 'succeeded'"
+              "  AND t.type IN ('charge', 'capture')), 0))",
+              0, NULL, sweep_on_check, s);
+}
+
+static void
+sweep_on_lock(void *arg, PGresult *res, const char *err)
+{
+    struct sweep *s = arg;
+    (void)err;
+    s->trying = false;
+    if (res && PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
+        strcmp(PQgetvalue(res, 0, 0), "t") == 0) {
+        s->leader = true;
+        log_info("sweeps: this process leads the maintenance sweeps");
+        sweep_run(s);
+    }
+}
+
+/* A (re)connected lock connection holds no lock any more. */
+static void
+sweep_on_connect(void *arg, const char *channel, const char *payload)
+{
+    struct sweep *s = arg;
+    (void)channel;
+    (void)payload;
+    if (s->leader)
+        log_warn("sweeps: lost the leader connection; trying again");
+    s->leader = false;
+}
+
+static void
+sweep_on_timer(evutil_socket_t fd, short what, void *arg)
+{
+    struct sweep *s = arg;
+    (void)fd;
+    (void)what;
+    if (s->leader) {
+        sweep_run(s);
+        return;
+    }
+    if (s->trying)
+        return;
+    s->trying = true;
+    pgev_exec(s->lock, "SELECT pg_try_advisory_lock(" SWEEP_LOCK_ID ")", 0, NULL, sweep_on_lock, s);
+}
+
+struct sweep *
+sweep_start(struct role_ctx *ctx, struct pgev_pool *pg)
+{
+    const struct config *cfg = &ctx->cfg;
+    struct sweep *s = xcalloc(1, sizeof(*s));
+    char url[256];
+    int rv;
+    s->ctx = ctx;
+    s->pg = pg;
+    s->lock = pgev_pool_new(ctx->base, cfg, 1);
+    pgev_pool_on_connect(s->lock, "SELECT 1", sweep_on_connect, s);
+    snprintf(s->lease, sizeof(s->lease), "%lld", (long long)cfg->processing_lease_ms);
+    if ((rv = nng_req0_open(&s->workers)) != 0)
+        abort();
+    nng_socket_set_ms(s->workers, NNG_OPT_RECONNMINT, 20);
+    nng_socket_set_ms(s->workers, NNG_OPT_RECONNMAXT, 500);
+    for (int i = 0; i < cfg->workers; i++) {
+        role_url(cfg, ROLE_WORKER, i, url, sizeof(url));
+        nng_dial(s->workers, url, NULL, NNG_FLAG_NONBLOCK);
+    }
+    s->timer = event_new(ctx->base, -1, EV_PERSIST, sweep_on_timer, s);
+    struct timeval tv = {(time_t)(cfg->sweep_interval_ms / 1000),
+                         (suseconds_t)((cfg->sweep_interval_ms % 1000) * 1000)};
+    event_add(s->timer, &tv);
+    return s;
+}
+
+void
+sweep_stop(struct sweep *s)
+{
+    event_free(s->timer);
+    nng_close(s->workers);
+    pgev_pool_free(s->lock);
+    free(s);
+}
