@@ -89,6 +89,10 @@ void v1_error(struct api_req *r, int status, const char *type, const char *code,
               const char *message, const char *param);
 void v1_params_error(struct api_req *r, const struct params_error *e);
 void v1_db_error(struct api_req *r, const char *err);
+/* True when a query returned rows; otherwise answers 503 and returns false. */
+bool v1_rows(struct api_req *r, PGresult *res, const char *err);
+/* 404 resource_missing for the :id of the request. */
+void v1_not_found(struct api_req *r, const char *what, const char *param);
 /* Drops one reference; frees the request when nothing refers to it. */
 void v1_release(struct api_req *r);
 

@@ -31,15 +31,10 @@ static void
 events_on_one(void *arg, PGresult *res, const char *err)
 {
     struct api_req *r = arg;
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        v1_db_error(r, err ? err : PQresultErrorMessage(res));
+    if (!v1_rows(r, res, err))
         return;
-    }
     if (PQntuples(res) == 0) {
-        char msg[160];
-        snprintf(msg, sizeof(msg), "No such event: '%.80s'", r->id);
-        r->not_executed = true;
-        v1_error(r, 404, "invalid_request_error", "resource_missing", msg, "id");
+        v1_not_found(r, "event", "id");
         return;
     }
     v1_respond(r, 200, PQgetvalue(res, 0, 0));

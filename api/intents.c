@@ -48,15 +48,6 @@ static const char *const list_params[] = {
 /* ---- answers ---- */
 
 static void
-intents_not_found(struct api_req *r)
-{
-    char msg[160];
-    snprintf(msg, sizeof(msg), "No such payment_intent: '%.80s'", r->id);
-    r->not_executed = true;
-    v1_error(r, 404, "invalid_request_error", "resource_missing", msg, "intent");
-}
-
-static void
 intents_unexpected_state(struct api_req *r, const char *action, const char *status)
 {
     char msg[200];
@@ -89,25 +80,15 @@ intents_respond_object(struct api_req *r, const char *obj)
     json_decref(o);
 }
 
-static bool
-intents_ok(struct api_req *r, PGresult *res, const char *err)
-{
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        v1_db_error(r, err ? err : PQresultErrorMessage(res));
-        return false;
-    }
-    return true;
-}
-
 /* The statement ran and found the intent (its first column is NULL when the
  * intent does not exist for this account); otherwise answers and says no. */
 static bool
 intents_found(struct api_req *r, PGresult *res, const char *err)
 {
-    if (!intents_ok(r, res, err))
+    if (!v1_rows(r, res, err))
         return false;
     if (PQntuples(res) == 0 || PQgetisnull(res, 0, 0)) {
-        intents_not_found(r);
+        v1_not_found(r, "payment_intent", "intent");
         return false;
     }
     return true;
@@ -215,7 +196,7 @@ static void
 intents_on_created(void *arg, PGresult *res, const char *err)
 {
     struct api_req *r = arg;
-    if (!intents_ok(r, res, err))
+    if (!v1_rows(r, res, err))
         return;
     if (PQntuples(res) != 1) {
         v1_db_error(r, "insert returned no row");

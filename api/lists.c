@@ -117,11 +117,8 @@ static void
 lists_on_page(void *arg, PGresult *res, const char *err)
 {
     struct api_req *r = arg;
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        v1_db_error(r, err ? err : PQresultErrorMessage(res));
-        return;
-    }
-    lists_respond(r, res, &r->list, r->list.what, r->list.url);
+    if (v1_rows(r, res, err))
+        lists_respond(r, res, &r->list, r->list.what, r->list.url);
 }
 
 void

@@ -98,6 +98,25 @@ v1_error(struct api_req *r, int status, const char *type, const char *code, cons
     free(text);
 }
 
+bool
+v1_rows(struct api_req *r, PGresult *res, const char *err)
+{
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        v1_db_error(r, err ? err : PQresultErrorMessage(res));
+        return false;
+    }
+    return true;
+}
+
+void
+v1_not_found(struct api_req *r, const char *what, const char *param)
+{
+    char msg[200];
+    snprintf(msg, sizeof(msg), "No such %s: '%.80s'", what, r->id);
+    r->not_executed = true;
+    v1_error(r, 404, "invalid_request_error", "resource_missing", msg, param);
+}
+
 void
 v1_params_error(struct api_req *r, const struct params_error *e)
 {

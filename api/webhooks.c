@@ -36,32 +36,13 @@ static const char *const known_events[] = {"*",
 #define WE_OBJ(alias, secret) "webhook_endpoint_object(" alias ", " secret ")::text"
 
 static void
-webhooks_not_found(struct api_req *r)
-{
-    char msg[160];
-    snprintf(msg, sizeof(msg), "No such webhook endpoint: '%.80s'", r->id);
-    r->not_executed = true;
-    v1_error(r, 404, "invalid_request_error", "resource_missing", msg, "id");
-}
-
-static bool
-webhooks_ok(struct api_req *r, PGresult *res, const char *err)
-{
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        v1_db_error(r, err ? err : PQresultErrorMessage(res));
-        return false;
-    }
-    return true;
-}
-
-static void
 webhooks_on_object(void *arg, PGresult *res, const char *err)
 {
     struct api_req *r = arg;
-    if (!webhooks_ok(r, res, err))
+    if (!v1_rows(r, res, err))
         return;
     if (PQntuples(res) == 0) {
-        webhooks_not_found(r);
+        v1_not_found(r, "webhook endpoint", "id");
         return;
     }
     v1_respond(r, 200, PQgetvalue(res, 0, 0));
