@@ -27,7 +27,8 @@ struct api {
     struct event *stop_timer;
     struct auth_cache *auth;
     int64_t confirm_wait_ms;
-    struct saga *saga; /* order intake, on api/0 when SAGA_ACCOUNT is set */
+    int jobs_in_flight; /* gateway jobs sent to workers and not yet answered */
+    struct saga *saga;  /* order intake, on api/0 when SAGA_ACCOUNT is set */
 };
 
 /* A list request's page (lists.c). */
@@ -74,7 +75,8 @@ struct api_req {
     void *state;            /* a handler's parsed arguments between two callbacks */
     struct list_query list; /* list endpoints: the page asked for */
     bool responded;
-    int refs; /* callbacks that may still arrive for this request */
+    int refs;      /* callbacks that may still arrive for this request */
+    bool job_slot; /* holds one of the api's MAX_PENDING_JOBS slots */
 };
 
 /* api.c */
@@ -151,6 +153,9 @@ void events_list(struct api_req *r);
 void events_retrieve(struct api_req *r);
 
 /* intents.c */
+/* Back-pressure: false (and a 503 with Retry-After sent) when this api has
+ * MAX_PENDING_JOBS gateway jobs in flight already. */
+bool intents_can_send_job(struct api_req *r);
 void intents_create(struct api_req *r);
 void intents_retrieve(struct api_req *r);
 void intents_update(struct api_req *r);

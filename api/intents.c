@@ -106,6 +106,8 @@ intents_on_job_reply(void *arg, int err, nng_msg *reply)
     struct intents_job *job = arg;
     struct api_req *r = job->r;
     free(job);
+    r->api->jobs_in_flight--;
+    r->job_slot = false;
     if (err) {
         log_warn("%s %s: worker job failed: %s; the payment stays processing", r->route, r->id,
                  nng_strerror(err));
@@ -155,6 +157,24 @@ intents_on_wait_timeout(evutil_socket_t fd, short what, void *arg)
         intents_respond_object(r, r->pending_body);
 }
 
+bool
+intents_can_send_job(struct api_req *r)
+{
+    if (r->api->jobs_in_flight < r->api->ctx->cfg.max_pending_jobs) {
+        /* Reserved now, so that concurrent requests cannot all pass; the
+         * job's answer, or the end of a request that sent none, frees it. */
+        r->api->jobs_in_flight++;
+        r->job_slot = true;
+        return true;
+    }
+    /* Refused before anything is written: the client may simply retry. */
+    r->not_executed = true;
+    evhttp_add_header(evhttp_request_get_output_headers(r->req), "Retry-After", "1");
+    v1_error(r, 503, "api_error", "overloaded",
+             "Too many payments are waiting for a gateway right now; retry shortly.", NULL);
+    return false;
+}
+
 /* Sends a gateway job for request r and arms the CONFIRM_WAIT_MS answer. */
 static void
 intents_send_job(struct api_req *r, const char *op, PGresult *res, int row, int amount_col,
@@ -171,6 +191,10 @@ intents_send_job(struct api_req *r, const char *op, PGresult *res, int row, int 
     struct intents_job *job = xmalloc(sizeof(*job));
     job->r = r;
     r->refs++;
+    if (!r->job_slot) { /* a job without a reservation (cancel of an authorization) */
+        api->jobs_in_flight++;
+        r->job_slot = true;
+    }
     nngev_request(api->ctx->nngev, api->workers, nngev_msg(bytes, n), (int)cfg->job_timeout_ms,
                   intents_on_job_reply, job);
     free(bytes);
@@ -338,6 +362,10 @@ intents_create(struct api_req *r)
         params_bool(r->params, "confirm", &a.confirm, &e) < 0 ||
         intents_pm_types(r->params, &e) < 0 || params_metadata(r->params, &meta, &clear, &e) < 0) {
         v1_params_error(r, &e);
+        return;
+    }
+    if (a.confirm && a.payment_method && !intents_can_send_job(r)) {
+        json_decref(meta);
         return;
     }
     if (a.confirm && !a.payment_method) {
@@ -553,6 +581,8 @@ intents_confirm(struct api_req *r)
         v1_params_error(r, &e);
         return;
     }
+    if (!intents_can_send_job(r))
+        return;
     snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
     const char *params[4] = {r->id, account, pm, capture};
     pgev_exec(r->api->pg,
@@ -628,6 +658,10 @@ intents_capture(struct api_req *r)
         intents_amount(r->params, "amount_to_capture", amount, false, &e) < 0) {
         free(a);
         v1_params_error(r, &e);
+        return;
+    }
+    if (!intents_can_send_job(r)) {
+        free(a);
         return;
     }
     a->amount_to_capture = strtoll(amount, NULL, 10);

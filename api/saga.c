@@ -100,6 +100,7 @@ static void
 saga_on_job(void *arg, int err, nng_msg *reply)
 {
     struct saga_pending *p = arg;
+    p->s->api->jobs_in_flight--;
     if (err)
         log_warn("saga: order %s: worker job failed (%s); the payment stays processing",
                  p->order_id, nng_strerror(err));
@@ -131,6 +132,7 @@ saga_on_created(void *arg, PGresult *res, const char *err)
     void *bytes = jobs_message("confirm", PQgetvalue(res, 0, 0), shm_now_ms() + cfg->job_timeout_ms,
                                res, 0, 1 + JOB_AMOUNT_COL_OFFSET, 0, NULL, &n);
     log_info("saga: order %s -> payment %s", order, PQgetvalue(res, 0, 0));
+    s->api->jobs_in_flight++;
     nngev_request(s->api->ctx->nngev, s->api->workers, nngev_msg(bytes, n),
                   (int)cfg->job_timeout_ms, saga_on_job, p);
     free(bytes);

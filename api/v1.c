@@ -69,6 +69,8 @@ v1_release(struct api_req *r)
 {
     if (--r->refs > 0)
         return;
+    if (r->job_slot)
+        r->api->jobs_in_flight--; /* reserved, but no job was sent */
     if (r->timer)
         event_free(r->timer);
     json_decref(r->params);

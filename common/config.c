@@ -113,6 +113,8 @@ static const struct config_desc config_keys[CFG__COUNT] = {
                                  OFF(processing_lease_ms), false, false},
     [CFG_CONSISTENCY_INTERVAL_MS] = {"CONSISTENCY_INTERVAL_MS", T_DURATION, "600000", 500, 86400000,
                                      1, OFF(consistency_interval_ms), false, false},
+    [CFG_MAX_PENDING_JOBS] = {"MAX_PENDING_JOBS", T_INT, "10000", 1, 1000000, 0,
+                              OFF(max_pending_jobs), false, false},
 };
 
 const char *

@@ -52,6 +52,7 @@ enum config_key {
     CFG_SWEEP_INTERVAL_MS,
     CFG_PROCESSING_LEASE_MS,
     CFG_CONSISTENCY_INTERVAL_MS,
+    CFG_MAX_PENDING_JOBS,
     CFG__COUNT
 };
 
@@ -101,6 +102,7 @@ struct config {
     int64_t sweep_interval_ms;
     int64_t processing_lease_ms;
     int64_t consistency_interval_ms;
+    int max_pending_jobs;
 };
 
 /* Loads the configuration: defaults, then the environment, then the file at

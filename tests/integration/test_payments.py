@@ -461,3 +461,40 @@ class GatewayFaultsTest(unittest.TestCase):
             self.assertLessEqual(len(self.charges_of(p["id"])), 1)
             if p["status"] == "succeeded":
                 self.assertEqual(len(self.charges_of(p["id"])), 1)
+
+
+class BackPressureTest(unittest.TestCase):
+    """With MAX_PENDING_JOBS gateway jobs in flight, a confirm answers 503 with
+    Retry-After at once and writes nothing, instead of queueing without bound."""
+
+    def test_full_job_queue_answers_503(self):
+        slow = Gateway("--latency-ms", "2000")
+        self.addCleanup(slow.stop)
+        pd = Paymentd(GATEWAY_URL=slow.url, API_PROCESSES=1, MAX_PENDING_JOBS=2, CONFIRM_WAIT_MS=10000)
+        self.addCleanup(pd.cleanup)
+        pd.start()
+        _, acct_id, key = new_account("pressure")
+        c = Client(pd.port, key)
+        results = [None] * 6
+
+        def one(i):
+            results[i] = c.call("POST", "/v1/payment_intents", {"amount": 100 + i, "currency": "usd",
+                                                                "payment_method": "pm_card_visa", "confirm": "true"})
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        ok = [r for r in results if r[0] == 200]
+        busy = [r for r in results if r[0] == 503]
+        self.assertEqual(len(ok) + len(busy), 6, [r[:2] for r in results])
+        self.assertEqual(len(ok), 2)
+        for code, text, headers in busy:
+            self.assertEqual(headers.get("Retry-After"), "1")
+            self.assertEqual(json.loads(text)["error"]["code"], "overloaded")
+        self.assertEqual(sql("SELECT count(*) FROM payment_intents WHERE account_id = %s" % acct_id), [["2"]])
+        # Once the jobs are answered there is room again.
+        code, pi = c.post("/v1/payment_intents", {"amount": 999, "currency": "usd",
+                                                 "payment_method": "pm_card_visa", "confirm": "true"})
+        self.assertEqual((code, pi["status"]), (200, "succeeded"))
