@@ -115,6 +115,10 @@ static const struct config_desc config_keys[CFG__COUNT] = {
                                      1, OFF(consistency_interval_ms), false, false},
     [CFG_MAX_PENDING_JOBS] = {"MAX_PENDING_JOBS", T_INT, "10000", 1, 1000000, 0,
                               OFF(max_pending_jobs), false, false},
+    [CFG_GATEWAY_MAX_ATTEMPTS] = {"GATEWAY_MAX_ATTEMPTS", T_INT, "5", 1, 100, 0,
+                                  OFF(gateway_max_attempts), false, false},
+    [CFG_GATEWAY_RETRY_CAP_MS] = {"GATEWAY_RETRY_CAP_MS", T_DURATION, "30000", 10, 3600000, 1,
+                                  OFF(gateway_retry_cap_ms), false, false},
 };
 
 const char *

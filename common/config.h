@@ -53,6 +53,8 @@ enum config_key {
     CFG_PROCESSING_LEASE_MS,
     CFG_CONSISTENCY_INTERVAL_MS,
     CFG_MAX_PENDING_JOBS,
+    CFG_GATEWAY_MAX_ATTEMPTS,
+    CFG_GATEWAY_RETRY_CAP_MS,
     CFG__COUNT
 };
 
@@ -103,6 +105,8 @@ struct config {
     int64_t processing_lease_ms;
     int64_t consistency_interval_ms;
     int max_pending_jobs;
+    int gateway_max_attempts;
+    int64_t gateway_retry_cap_ms;
 };
 
 /* Loads the configuration: defaults, then the environment, then the file at

@@ -15,6 +15,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 
 #include "net.h"
@@ -43,6 +44,7 @@ struct curlev_xfer {
     curlev_cb cb;
     void *arg;
     char errbuf[CURL_ERROR_SIZE];
+    long retry_after_ms;
 };
 
 static void curlev_check_done(struct curlev *c);
@@ -59,6 +61,20 @@ curlev_write(char *ptr, size_t size, size_t nmemb, void *userdata)
     memcpy(x->resp + x->len, ptr, n);
     x->len += n;
     x->resp[x->len] = '\0';
+    return n;
+}
+
+/* Keeps Retry-After (delta seconds) for the gateway's retry rules. */
+static size_t
+curlev_header(char *buf, size_t size, size_t nitems, void *userdata)
+{
+    struct curlev_xfer *x = userdata;
+    size_t n = size * nitems;
+    if (n > 12 && strncasecmp(buf, "Retry-After:", 12) == 0) {
+        long s = strtol(buf + 12, NULL, 10);
+        if (s > 0 && s < 86400)
+            x->retry_after_ms = s * 1000;
+    }
     return n;
 }
 
@@ -158,6 +174,7 @@ curlev_check_done(struct curlev *c)
         curl_off_t connect_time = 0;
         curl_easy_getinfo(easy, CURLINFO_CONNECT_TIME_T, &connect_time);
         resp.rc = rc;
+        resp.retry_after_ms = x->retry_after_ms;
         resp.body = x->resp ? x->resp : "";
         resp.len = x->len;
         /* Sent once connected and the request went out (or any answer came). */
@@ -225,6 +242,8 @@ curlev_request(struct curlev *c, const char *method, const char *url, const char
     curl_easy_setopt(x->easy, CURLOPT_HTTPHEADER, x->headers);
     curl_easy_setopt(x->easy, CURLOPT_WRITEFUNCTION, curlev_write);
     curl_easy_setopt(x->easy, CURLOPT_WRITEDATA, x);
+    curl_easy_setopt(x->easy, CURLOPT_HEADERFUNCTION, curlev_header);
+    curl_easy_setopt(x->easy, CURLOPT_HEADERDATA, x);
     curl_easy_setopt(x->easy, CURLOPT_PRIVATE, x);
     curl_easy_setopt(x->easy, CURLOPT_ERRORBUFFER, x->errbuf);
     curl_easy_setopt(x->easy, CURLOPT_TIMEOUT_MS, timeout_ms);

@@ -19,6 +19,7 @@ struct curlev_response {
     size_t len;
     int sent;
     const char *error;
+    long retry_after_ms; /* the Retry-After header in milliseconds, or 0 */
 };
 typedef void (*curlev_cb)(void *arg, const struct curlev_response *resp);
 

@@ -10,14 +10,14 @@
  *   POST /v1/refunds {charge, amount}         GET /v1/charges/:id
  *   GET  /v1/charges?idempotency_key=K        (retrieve by key, for recovery)
  *   GET  /v1/ledger                           every charge, and how many
- *   POST /_config {latency_ms, fail_rate, reset_rate, timeout_rate}
+ *   POST /_config {latency_ms, fail_rate, reset_rate, timeout_rate, rate_limit_rate}
  *   POST /_reset                               forget every charge
  * Test payment methods use Stripe's names: pm_card_visa and other cards
  * succeed, pm_card_chargeDeclined and pm_card_insufficientFunds decline,
  * pm_card_authenticationRequired needs action. Fault injection (by flag or
  * /_config): added latency, a share of 503 answers sent before processing
- * (marked "processed": false), resets and timeouts after the charge was
- * taken (the ambiguous cases). Calls libevent, jansson, ids.
+ * (marked "processed": false), 429 answers with Retry-After: 1, resets and
+ * timeouts after the charge was taken (the ambiguous cases). Calls libevent, jansson, ids.
  */
 #include <event2/buffer.h>
 #include <event2/event.h>
@@ -42,7 +42,7 @@ struct sim {
     json_t *by_key;  /* idempotency key -> {hash, code, body, charge} */
     json_t *ordered; /* charge ids in creation order */
     long latency_ms;
-    int fail_rate, reset_rate, timeout_rate; /* percent */
+    int fail_rate, reset_rate, timeout_rate, rate_limit_rate; /* percent */
     long long charges_made;
 };
 
@@ -263,6 +263,13 @@ sim_post(struct evhttp_request *req, const char *path)
         sim_error(req, 400, "body must be a JSON object");
         return;
     }
+    if (sim_roll(sim.rate_limit_rate)) {
+        json_decref(body);
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
+        sim_answer(req, 429, "{\"error\":{\"message\":\"rate limited\"},\"processed\":false}",
+                   false);
+        return;
+    }
     if (sim_roll(sim.fail_rate)) {
         json_decref(body);
         sim_answer(req, 503, "{\"error\":{\"message\":\"unavailable\"},\"processed\":false}",
@@ -380,6 +387,8 @@ sim_config(struct evhttp_request *req)
         sim.fail_rate = (int)json_integer_value(json_object_get(b, "fail_rate"));
     if (json_is_integer(json_object_get(b, "reset_rate")))
         sim.reset_rate = (int)json_integer_value(json_object_get(b, "reset_rate"));
+    if (json_is_integer(json_object_get(b, "rate_limit_rate")))
+        sim.rate_limit_rate = (int)json_integer_value(json_object_get(b, "rate_limit_rate"));
     if (json_is_integer(json_object_get(b, "timeout_rate")))
         sim.timeout_rate = (int)json_integer_value(json_object_get(b, "timeout_rate"));
     json_decref(b);

@@ -64,6 +64,7 @@ sim_on_response(void *arg, const struct curlev_response *resp)
         res.outcome = json_is_false(processed) ? GW_NOT_PROCESSED : GW_AMBIGUOUS;
         if (resp->status == 429)
             res.outcome = GW_NOT_PROCESSED;
+        res.retry_after_ms = resp->retry_after_ms;
         snprintf(res.message, sizeof(res.message), "gateway answered %ld", resp->status);
         json_decref(body);
         goto out;

@@ -35,9 +35,7 @@
 #include "role.h"
 #include "xmalloc.h"
 
-#define JOB_MAX_ATTEMPTS    4
 #define JOB_BACKOFF_BASE_MS 100
-#define JOB_BACKOFF_CAP_MS  2000
 
 struct worker {
     struct role_ctx *ctx;
@@ -362,15 +360,20 @@ job_on_gateway(void *arg, const struct gw_result *r)
     metric_observe_us(role_metrics(j->w->ctx), MH_GATEWAY_SIM,
                       (uint64_t)(http_now_us() - j->gateway_started_us));
     bool retryable = r->outcome == GW_NOT_PROCESSED || r->outcome == GW_AMBIGUOUS;
-    if (retryable && ++j->attempt < JOB_MAX_ATTEMPTS) {
-        /* Full jitter: a random delay up to the exponential ceiling. */
+    const struct config *cfg = &j->w->ctx->cfg;
+    if (retryable && ++j->attempt < cfg->gateway_max_attempts) {
+        /* Full jitter: a random delay up to the exponential ceiling, capped;
+         * a Retry-After from the gateway (429) is honoured, within the cap. */
         uint32_t rnd = 0;
         if (getrandom(&rnd, sizeof(rnd), 0) != sizeof(rnd))
             rnd = 0;
-        long ceiling = JOB_BACKOFF_BASE_MS << j->attempt;
-        if (ceiling > JOB_BACKOFF_CAP_MS)
-            ceiling = JOB_BACKOFF_CAP_MS;
-        long delay = r->retry_after_ms > 0 ? r->retry_after_ms : (long)(rnd % (uint32_t)ceiling);
+        int64_t cap = cfg->gateway_retry_cap_ms;
+        int64_t ceiling = j->attempt < 30 ? (int64_t)JOB_BACKOFF_BASE_MS << j->attempt : cap;
+        if (ceiling > cap)
+            ceiling = cap;
+        long delay = (long)(rnd % (uint32_t)ceiling);
+        if (r->retry_after_ms > 0)
+            delay = r->retry_after_ms < cap ? r->retry_after_ms : (long)cap;
         log_warn("payment %s: gateway %s (%s); retry %d in %ld ms with the same key", j->public_id,
                  gateway_outcome_name(r->outcome), r->message, j->attempt, delay);
         if (!j->retry)

@@ -463,6 +463,33 @@ class GatewayFaultsTest(unittest.TestCase):
                 self.assertEqual(len(self.charges_of(p["id"])), 1)
 
 
+class RateLimitedGatewayTest(unittest.TestCase):
+    def test_429_retry_after_is_honoured(self):
+        gw = Gateway()
+        self.addCleanup(gw.stop)
+        pd = Paymentd(GATEWAY_URL=gw.url, CONFIRM_WAIT_MS=10000)
+        self.addCleanup(pd.cleanup)
+        pd.start()
+        _, _, key = new_account("ratelimited")
+        c = Client(pd.port, key)
+        gw.configure(rate_limit_rate=100)
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=c.post(
+            "/v1/payment_intents", {"amount": 300, "currency": "usd", "payment_method": "pm_card_visa",
+                                    "confirm": "true"})))
+        t0 = time.monotonic()
+        t.start()
+        time.sleep(0.5)
+        gw.configure(rate_limit_rate=0)
+        t.join(20)
+        code, pi = result["r"]
+        self.assertEqual((code, pi["status"]), (200, "succeeded"))
+        self.assertGreaterEqual(time.monotonic() - t0, 0.9)  # it waited as the gateway asked
+        self.assertIn("retry 1 in 1000 ms", pd.logs())
+        charges = [ch for ch in gw.ledger()["data"] if (ch.get("idempotency_key") or "").startswith(pi["id"])]
+        self.assertEqual(len(charges), 1)
+
+
 class BackPressureTest(unittest.TestCase):
     """With MAX_PENDING_JOBS gateway jobs in flight, a confirm answers 503 with
     Retry-After at once and writes nothing, instead of queueing without bound."""
