@@ -396,9 +396,15 @@ pgev_on_sweep(evutil_socket_t fd, short what, void *arg)
     struct pgev_pool *pool = arg;
     int64_t now = shm_mono_ms();
     struct pgev_query *q;
+    bool any = false;
     (void)fd;
     (void)what;
-    while ((q = TAILQ_FIRST(&pool->queue)) != NULL && now - q->queued_ms > pool->queue_timeout_ms) {
+    /* With every connection down (none up, none connecting) nothing queued
+     * can run soon: fail it now so that callers answer 503 at once. */
+    for (int i = 0; i < pool->size; i++)
+        any = any || pool->conns[i].state != CONN_DOWN;
+    while ((q = TAILQ_FIRST(&pool->queue)) != NULL &&
+           (!any || now - q->queued_ms > pool->queue_timeout_ms)) {
         TAILQ_REMOVE(&pool->queue, q, link);
         pool->queued--;
         pgev_complete(q, NULL, "database unavailable");

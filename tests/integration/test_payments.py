@@ -525,3 +525,19 @@ class BackPressureTest(unittest.TestCase):
         code, pi = c.post("/v1/payment_intents", {"amount": 999, "currency": "usd",
                                                  "payment_method": "pm_card_visa", "confirm": "true"})
         self.assertEqual((code, pi["status"]), (200, "succeeded"))
+
+
+class DatabaseDownTest(unittest.TestCase):
+    def test_writes_answer_503_quickly_and_healthz_stays_up(self):
+        pd = Paymentd(POSTGRES_PORT=free_port())  # nothing listens there
+        self.addCleanup(pd.cleanup)
+        pd.start()
+        c = Client(pd.port, "sk_test_any")
+        for path, params in (("/v1/payment_intents", {"amount": 100, "currency": "usd"}),):
+            t0 = time.monotonic()
+            code, text, headers = c.call("POST", path, params)
+            self.assertLess(time.monotonic() - t0, 1.5)
+            self.assertEqual(code, 503, text)
+            self.assertEqual(headers.get("Retry-After"), "1")
+            self.assertEqual(json.loads(text)["error"]["type"], "api_error")
+        self.assertEqual(pd.http("/healthz")[0], 200)
