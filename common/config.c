@@ -119,6 +119,10 @@ static const struct config_desc config_keys[CFG__COUNT] = {
                                   OFF(gateway_max_attempts), false, false},
     [CFG_GATEWAY_RETRY_CAP_MS] = {"GATEWAY_RETRY_CAP_MS", T_DURATION, "30000", 10, 3600000, 1,
                                   OFF(gateway_retry_cap_ms), false, false},
+    [CFG_BREAKER_FAILURES] = {"BREAKER_FAILURES", T_INT, "5", 1, 1000, 0, OFF(breaker_failures),
+                              false, false},
+    [CFG_BREAKER_OPEN_MS] = {"BREAKER_OPEN_MS", T_DURATION, "30000", 100, 3600000, 1,
+                             OFF(breaker_open_ms), false, false},
 };
 
 const char *

@@ -55,6 +55,8 @@ enum config_key {
     CFG_MAX_PENDING_JOBS,
     CFG_GATEWAY_MAX_ATTEMPTS,
     CFG_GATEWAY_RETRY_CAP_MS,
+    CFG_BREAKER_FAILURES,
+    CFG_BREAKER_OPEN_MS,
     CFG__COUNT
 };
 
@@ -107,6 +109,8 @@ struct config {
     int max_pending_jobs;
     int gateway_max_attempts;
     int64_t gateway_retry_cap_ms;
+    int breaker_failures;
+    int64_t breaker_open_ms;
 };
 
 /* Loads the configuration: defaults, then the environment, then the file at

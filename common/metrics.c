@@ -336,6 +336,15 @@ metrics_render(const struct shm_segment *seg, const char *version, const char *c
                         "paymentd_consistency_violations{check=\"amount_received_mismatch\"} "
                         "%" PRId64 "\n",
                         bad[0], bad[1]);
+    metrics_header(out, "paymentd_circuit_breaker_state",
+                   "Gateway circuit breaker: 0 closed, 1 open, 2 half-open.", "gauge");
+    evbuffer_add_printf(out, "paymentd_circuit_breaker_state{provider=\"sim\"} %u\n",
+                        atomic_load(&seg->breakers[0].state));
+    metrics_header(out, "paymentd_circuit_breaker_opened_total",
+                   "Times the gateway circuit breaker opened.", "counter");
+    evbuffer_add_printf(out,
+                        "paymentd_circuit_breaker_opened_total{provider=\"sim\"} %" PRIu64 "\n",
+                        atomic_load(&seg->breakers[0].opened_total));
     metrics_header(out, "paymentd_events_pending", "Events written and not yet published.",
                    "gauge");
     evbuffer_add_printf(out, "paymentd_events_pending %" PRId64 "\n", pending);

@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 #define SHM_MAGIC          0x50415944u /* "PAYD" */
-#define SHM_LAYOUT_VERSION 7u
+#define SHM_LAYOUT_VERSION 8u
 #define SHM_MAX_SLOTS      72 /* supervisor + 32 api + 32 workers + outbox + exporter + spare */
 
 enum role_kind { ROLE_SUPERVISOR, ROLE_API, ROLE_WORKER, ROLE_OUTBOX, ROLE_EXPORTER, ROLE__COUNT };
@@ -113,6 +113,18 @@ struct shm_slot {
     struct shm_metrics metrics;
 };
 
+/* One circuit breaker per gateway provider, shared by every worker. */
+enum breaker_state { BREAKER_CLOSED, BREAKER_OPEN, BREAKER_HALF_OPEN };
+#define SHM_MAX_BREAKERS 8
+
+struct shm_breaker {
+    _Atomic uint32_t state;    /* enum breaker_state */
+    _Atomic uint32_t failures; /* consecutive */
+    _Atomic int64_t opened_ms; /* CLOCK_REALTIME when it last opened */
+    _Atomic uint32_t probe;    /* 1 while one worker's half-open probe is out */
+    _Atomic uint64_t opened_total;
+};
+
 struct shm_segment {
     uint32_t magic;
     uint32_t layout_version;
@@ -121,6 +133,7 @@ struct shm_segment {
     _Atomic int32_t supervisor_pid;
     _Atomic uint32_t draining;
     _Atomic int64_t created_ms;
+    struct shm_breaker breakers[SHM_MAX_BREAKERS]; /* index 0: the sim provider */
     struct shm_slot slots[SHM_MAX_SLOTS];
 };
 

@@ -26,6 +26,7 @@
 #include <sys/random.h>
 
 #include "envelope.h"
+#include "breaker.h"
 #include "gateway.h"
 #include "httputil.h"
 #include "ids.h"
@@ -57,6 +58,7 @@ struct job {
     char idem_key[128];
     int attempt;
     int64_t gateway_started_us;
+    bool probe; /* this call is the breaker's half-open probe */
     struct event *retry;
 };
 
@@ -361,6 +363,10 @@ job_on_gateway(void *arg, const struct gw_result *r)
                       (uint64_t)(http_now_us() - j->gateway_started_us));
     bool retryable = r->outcome == GW_NOT_PROCESSED || r->outcome == GW_AMBIGUOUS;
     const struct config *cfg = &j->w->ctx->cfg;
+    /* A decline or another definite answer shows the gateway is up. */
+    breaker_done(&j->w->ctx->seg->breakers[0], !retryable, j->probe, cfg->breaker_failures,
+                 j->w->gw->name);
+    j->probe = false;
     if (retryable && ++j->attempt < cfg->gateway_max_attempts) {
         /* Full jitter: a random delay up to the exponential ceiling, capped;
          * a Retry-After from the gateway (429) is honoured, within the cap. */
@@ -402,6 +408,14 @@ job_call(struct job *j)
         req.amount = j->amount_to_capture;
     } else {
         req.op = GW_CANCEL;
+    }
+    if (!breaker_allow(&j->w->ctx->seg->breakers[0], j->w->ctx->cfg.breaker_open_ms, &j->probe)) {
+        /* Refused without calling: certainly not received. The payment stays
+         * processing and the sweeps finish it once the gateway is back. */
+        struct gw_result r = {.outcome = GW_NOT_PROCESSED};
+        snprintf(r.message, sizeof(r.message), "circuit breaker open");
+        job_finish(j, &r);
+        return;
     }
     j->gateway_started_us = http_now_us();
     j->w->gw->call(j->w->gw, &req, job_on_gateway, j);

@@ -230,8 +230,8 @@ def new_account(name="test"):
 class Gateway:
     """A gatewaysim process on a free port."""
 
-    def __init__(self, *args):
-        self.port = free_port()
+    def __init__(self, *args, port=None):
+        self.port = port or free_port()
         self.url = "http://127.0.0.1:%d" % self.port
         self.proc = subprocess.Popen([os.path.join(BIN, "gatewaysim"), "--port", str(self.port)] + list(args),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

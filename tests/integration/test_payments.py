@@ -541,3 +541,53 @@ class DatabaseDownTest(unittest.TestCase):
             self.assertEqual(headers.get("Retry-After"), "1")
             self.assertEqual(json.loads(text)["error"]["type"], "api_error")
         self.assertEqual(pd.http("/healthz")[0], 200)
+
+
+class BreakerTest(unittest.TestCase):
+    """Gateway down: the breaker opens, confirms answer processing at once
+    without calling, one probe closes it when the gateway is back, and every
+    waiting payment completes with one charge."""
+
+    def test_gateway_down_then_back(self):
+        gw = Gateway()
+        port = gw.port
+        pd = Paymentd(GATEWAY_URL=gw.url, BREAKER_FAILURES=3, BREAKER_OPEN_MS=1500, GATEWAY_MAX_ATTEMPTS=1,
+                      GATEWAY_TIMEOUT_MS=500, PROCESSING_LEASE_MS=1000, SWEEP_INTERVAL_MS=300,
+                      CONFIRM_WAIT_MS=5000)
+        self.addCleanup(pd.cleanup)
+        pd.start()
+        _, _, key = new_account("breaker")
+        c = Client(pd.port, key)
+        gw.stop()  # connections refused from now on
+        pay = lambda: c.post("/v1/payment_intents", {"amount": 250, "currency": "usd",
+                                                    "payment_method": "pm_card_visa", "confirm": "true"})
+        waiting = []
+        for _ in range(3):
+            code, pi = pay()
+            self.assertEqual((code, pi["status"]), (200, "processing"))
+            waiting.append(pi["id"])
+
+        def state():
+            for line in pd.metrics().splitlines():
+                if line.startswith('paymentd_circuit_breaker_state{provider="sim"}'):
+                    return int(line.split()[-1])
+        wait_for(lambda: state() == 1, 10, what="breaker open")
+        t0 = time.monotonic()
+        code, pi = pay()
+        self.assertEqual((code, pi["status"]), (200, "processing"))
+        self.assertLess(time.monotonic() - t0, 1.0)  # refused without calling the gateway
+        waiting.append(pi["id"])
+        self.assertEqual(pd.http("/healthz")[0], 200)
+        back = Gateway(port=port)
+        self.addCleanup(back.stop)
+
+        def all_done():
+            rows = sql("SELECT status FROM payment_intents WHERE public_id IN (%s)" %
+                       ",".join("'%s'" % p for p in waiting))
+            return len(rows) == len(waiting) and all(r[0] == "succeeded" for r in rows)
+        wait_for(all_done, 30, interval=0.3, what="waiting payments completed after the gateway returned")
+        self.assertEqual(state(), 0)
+        for p in waiting:
+            self.assertEqual(len([ch for ch in back.ledger()["data"]
+                                  if (ch.get("idempotency_key") or "").startswith(p + ":")]), 1)
+        self.assertIn("circuit breaker sim: closed -> open", pd.logs())
