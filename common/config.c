@@ -123,6 +123,10 @@ static const struct config_desc config_keys[CFG__COUNT] = {
                               false, false},
     [CFG_BREAKER_OPEN_MS] = {"BREAKER_OPEN_MS", T_DURATION, "30000", 100, 3600000, 1,
                              OFF(breaker_open_ms), false, false},
+    [CFG_BREAKER_FAILURE_RATE] = {"BREAKER_FAILURE_RATE", T_INT, "50", 1, 100, 0,
+                                  OFF(breaker_failure_rate), false, false},
+    [CFG_BREAKER_WINDOW] = {"BREAKER_WINDOW", T_DURATION, "30", 1000, 3600000, 1000,
+                            OFF(breaker_window_ms), false, false},
 };
 
 const char *

@@ -57,6 +57,8 @@ enum config_key {
     CFG_GATEWAY_RETRY_CAP_MS,
     CFG_BREAKER_FAILURES,
     CFG_BREAKER_OPEN_MS,
+    CFG_BREAKER_FAILURE_RATE,
+    CFG_BREAKER_WINDOW,
     CFG__COUNT
 };
 
@@ -111,6 +113,8 @@ struct config {
     int64_t gateway_retry_cap_ms;
     int breaker_failures;
     int64_t breaker_open_ms;
+    int breaker_failure_rate;
+    int64_t breaker_window_ms;
 };
 
 /* Loads the configuration: defaults, then the environment, then the file at

@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 #define SHM_MAGIC          0x50415944u /* "PAYD" */
-#define SHM_LAYOUT_VERSION 8u
+#define SHM_LAYOUT_VERSION 9u
 #define SHM_MAX_SLOTS      72 /* supervisor + 32 api + 32 workers + outbox + exporter + spare */
 
 enum role_kind { ROLE_SUPERVISOR, ROLE_API, ROLE_WORKER, ROLE_OUTBOX, ROLE_EXPORTER, ROLE__COUNT };
@@ -123,6 +123,9 @@ struct shm_breaker {
     _Atomic int64_t opened_ms; /* CLOCK_REALTIME when it last opened */
     _Atomic uint32_t probe;    /* 1 while one worker's half-open probe is out */
     _Atomic uint64_t opened_total;
+    _Atomic int64_t window_start_ms; /* the failure-rate window */
+    _Atomic uint32_t window_calls;
+    _Atomic uint32_t window_failures;
 };
 
 struct shm_segment {

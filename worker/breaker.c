@@ -1,6 +1,8 @@
 /*
  * breaker - the circuit breaker of one gateway provider, kept in shared
- * memory so that every worker process sees one state.
+ * memory so that every worker process sees one state. It opens on a run of
+ * consecutive failures, or on a failure rate over a window with enough
+ * calls in it (a gateway failing one call in two never makes a run).
  *
  * Offers breaker_allow() and breaker_done(). Closed: calls go through, and
  * BREAKER_FAILURES consecutive failures open it. Open: calls are refused at
@@ -53,10 +55,29 @@ breaker_allow(struct shm_breaker *b, int64_t open_ms, bool *probe)
     return true;
 }
 
+/* Counts the call in the current window (a new window starts once the
+ * old one is over; whoever wins the compare-and-swap resets the counts). */
+static bool
+breaker_rate_exceeded(struct shm_breaker *b, bool success, const struct breaker_policy *p)
+{
+    int64_t now = shm_now_ms(), start = atomic_load(&b->window_start_ms);
+    if (now - start >= p->window_ms &&
+        atomic_compare_exchange_strong(&b->window_start_ms, &start, now)) {
+        atomic_store(&b->window_calls, 0);
+        atomic_store(&b->window_failures, 0);
+    }
+    uint32_t calls = atomic_fetch_add(&b->window_calls, 1) + 1;
+    uint32_t failed =
+        success ? atomic_load(&b->window_failures) : atomic_fetch_add(&b->window_failures, 1) + 1;
+    return !success && calls >= BREAKER_MIN_CALLS &&
+           (uint64_t)failed * 100 >= (uint64_t)p->rate_pct * calls;
+}
+
 void
-breaker_done(struct shm_breaker *b, bool success, bool probe, int failures_to_open,
+breaker_done(struct shm_breaker *b, bool success, bool probe, const struct breaker_policy *policy,
              const char *provider)
 {
+    bool rate = breaker_rate_exceeded(b, success, policy);
     if (success) {
         atomic_store(&b->failures, 0);
         if (probe)
@@ -65,7 +86,7 @@ breaker_done(struct shm_breaker *b, bool success, bool probe, int failures_to_op
         uint32_t n = atomic_fetch_add(&b->failures, 1) + 1;
         if (probe)
             breaker_set(b, BREAKER_HALF_OPEN, BREAKER_OPEN, provider);
-        else if (n >= (uint32_t)failures_to_open)
+        else if (n >= (uint32_t)policy->failures || rate)
             breaker_set(b, BREAKER_CLOSED, BREAKER_OPEN, provider);
     }
     if (probe)

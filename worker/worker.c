@@ -364,8 +364,9 @@ job_on_gateway(void *arg, const struct gw_result *r)
     bool retryable = r->outcome == GW_NOT_PROCESSED || r->outcome == GW_AMBIGUOUS;
     const struct config *cfg = &j->w->ctx->cfg;
     /* A decline or another definite answer shows the gateway is up. */
-    breaker_done(&j->w->ctx->seg->breakers[0], !retryable, j->probe, cfg->breaker_failures,
-                 j->w->gw->name);
+    struct breaker_policy policy = {cfg->breaker_failures, cfg->breaker_failure_rate,
+                                    cfg->breaker_window_ms};
+    breaker_done(&j->w->ctx->seg->breakers[0], !retryable, j->probe, &policy, j->w->gw->name);
     j->probe = false;
     if (retryable && ++j->attempt < cfg->gateway_max_attempts) {
         /* Full jitter: a random delay up to the exponential ceiling, capped;
