@@ -5,9 +5,11 @@
  * process listens on the same PORT with SO_REUSEPORT and serves, on its own
  * libevent loop:
  *   GET /healthz  200 while the process lives (no dependency is consulted);
- *   GET /readyz   200 only when PostgreSQL answers a query, Redis answers
- *                 PING and a worker answers an NNG ping, else 503 naming
- *                 the missing part;
+ *   GET /readyz   200 "ready" when PostgreSQL answers a query, Redis answers
+ *                 PING, a worker answers an NNG ping and no gateway breaker
+ *                 is open; 200 "degraded" when only Redis or a gateway is
+ *                 missing (payments still work, more slowly or later);
+ *                 else 503 naming the missing part;
  *   /v1/...       the Stripe-compatible API (v1.c and the modules it calls).
  * Nothing here blocks the loop: PostgreSQL through pgev, Redis through
  * redisev, workers through nngev. On SIGTERM the listener is closed first,
@@ -72,16 +74,38 @@ ready_check_answer(struct ready_check *rc)
 
     if (rc->answered)
         return;
+    /* PostgreSQL and the workers are required; without Redis idempotency
+     * runs on PostgreSQL alone, and an open breaker only delays payments. */
+    bool degraded = false;
     for (int i = 0; i < CHECK__COUNT; i++) {
         const char *r = rc->result[i] ? rc->result[i] : "no answer in time";
-        ok = ok && strcmp(r, "ok") == 0;
+        if (strcmp(r, "ok") != 0) {
+            if (i == CHECK_REDIS)
+                degraded = true;
+            else
+                ok = false;
+        }
         json_object_set_new(checks, check_names[i], json_string(r));
     }
+    static const char *const breaker_states[] = {"closed", "open", "half-open"};
+    json_t *gateways = json_object();
+    const struct shm_segment *seg = api->ctx->seg;
+    for (int i = 0; i < SHM_MAX_BREAKERS && seg->breakers[i].provider[0]; i++) {
+        uint32_t st = atomic_load(&seg->breakers[i].state);
+        degraded = degraded || st != BREAKER_CLOSED;
+        json_object_set_new(gateways, seg->breakers[i].provider,
+                            json_string(st <= BREAKER_HALF_OPEN ? breaker_states[st] : "unknown"));
+    }
+    json_object_set_new(checks, "gateways", gateways);
     if (api->ctx->stopping) {
         ok = false;
         json_object_set_new(checks, "api", json_string("shutting down"));
     }
-    json_t *root = json_pack("{s:s,s:o}", "status", ok ? "ready" : "unavailable", "checks", checks);
+    json_t *root = json_pack("{s:s,s:o}", "status",
+                             !ok        ? "unavailable"
+                             : degraded ? "degraded"
+                                        : "ready",
+                             "checks", checks);
     char *body = json_dumps(root, JSON_COMPACT);
     http_reply_json(rc->req, ok ? 200 : 503, body);
     free(body);

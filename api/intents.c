@@ -408,7 +408,7 @@ intents_create(struct api_req *r)
                               a.payment_method,
                               status,
                               r->idem_row ? idem : NULL,
-                              a.confirm ? "sim" : NULL};
+                              a.confirm ? r->api->ctx->cfg.providers[0].name : NULL};
     pgev_exec(
         r->api->pg,
         "WITH upd AS ("
@@ -584,20 +584,20 @@ intents_confirm(struct api_req *r)
     if (!intents_can_send_job(r))
         return;
     snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
-    const char *params[4] = {r->id, account, pm, capture};
+    const char *params[5] = {r->id, account, pm, capture, r->api->ctx->cfg.providers[0].name};
     pgev_exec(r->api->pg,
               "WITH cur AS (SELECT id, status, payment_method FROM payment_intents"
               "  WHERE public_id = $1 AND account_id = $2 FOR UPDATE),"
               " upd AS (UPDATE payment_intents p SET status = 'processing',"
               "  payment_method = coalesce($3, p.payment_method),"
-              "  capture_method = coalesce($4, p.capture_method), gateway_provider = 'sim',"
+              "  capture_method = coalesce($4, p.capture_method), gateway_provider = $5,"
               "  last_payment_error = NULL, next_action = NULL,"
               "  version = p.version + 1, updated_at = now()"
               "  FROM cur WHERE p.id = cur.id AND cur.status IN (" OPEN_STATES ")"
               "  AND coalesce($3, cur.payment_method) IS NOT NULL RETURNING p.*)"
               " SELECT (SELECT status FROM cur), (SELECT payment_method IS NOT NULL FROM cur),"
               "  " OBJ("upd") ", " JOB_COLS " FROM (SELECT 1) one LEFT JOIN upd ON true",
-              4, params, intents_on_confirm_started, r);
+              5, params, intents_on_confirm_started, r);
 }
 
 /* ---- capture and cancel of an authorization (worker jobs) ---- */

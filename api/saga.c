@@ -144,9 +144,9 @@ saga_create(struct saga *s, const struct saga_order *o)
     char public_id[40], amount[24];
     ids_time_ordered(public_id, sizeof(public_id), "pi_", 8);
     snprintf(amount, sizeof(amount), "%lld", (long long)o->amount);
-    const char *params[8] = {public_id,   s->account,       o->order_id,
-                             amount,      o->currency,      o->customer[0] ? o->customer : NULL,
-                             o->event_id, o->payment_method};
+    const char *params[9] = {public_id,   s->account,        o->order_id,
+                             amount,      o->currency,       o->customer[0] ? o->customer : NULL,
+                             o->event_id, o->payment_method, s->api->ctx->cfg.providers[0].name};
     struct saga_pending *p = xcalloc(1, sizeof(*p));
     p->s = s;
     snprintf(p->order_id, sizeof(p->order_id), "%s", o->order_id);
@@ -156,13 +156,13 @@ saga_create(struct saga *s, const struct saga_order *o)
               "  customer, metadata, capture_method, payment_method, status, gateway_provider,"
               "  expires_at)"
               " VALUES ($1, $2, $3, $4, $5, $6, jsonb_build_object('saga_event_id', $7::text),"
-              "  'automatic', $8, 'processing', 'sim', now() + interval '24 hours')"
+              "  'automatic', $8, 'processing', $9, now() + interval '24 hours')"
               " ON CONFLICT (account_id, order_id) WHERE order_id IS NOT NULL DO NOTHING"
               " RETURNING *),"
               " ev AS (SELECT outbox_event(upd.account_id, 'payment_intent.created', " OBJ(
                   "upd") "::json, upd.public_id) FROM upd)"
                          " SELECT upd.public_id, " JOB_COLS ", (SELECT count(*) FROM ev) FROM upd",
-              8, params, saga_on_created, p);
+              9, params, saga_on_created, p);
 }
 
 static void

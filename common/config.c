@@ -22,7 +22,7 @@
 
 #include "xmalloc.h"
 
-enum config_type { T_INT, T_DURATION, T_STRING, T_HOST, T_NAME, T_PATH, T_LEVEL, T_URL };
+enum config_type { T_INT, T_DURATION, T_STRING, T_HOST, T_NAME, T_PATH, T_LEVEL };
 
 struct config_desc {
     const char *name;
@@ -83,7 +83,7 @@ static const struct config_desc config_keys[CFG__COUNT] = {
                              OFF(confirm_wait_ms), false, false},
     [CFG_JOB_TIMEOUT_MS] = {"JOB_TIMEOUT_MS", T_DURATION, "600000", 1000, 86400000, 1,
                             OFF(job_timeout_ms), false, false},
-    [CFG_GATEWAY_URL] = {"GATEWAY_URL", T_URL, "http://127.0.0.1:12111", 8, 512, 0,
+    [CFG_GATEWAY_URL] = {"GATEWAY_URL", T_STRING, "http://127.0.0.1:12111", 8, 4096, 0,
                          OFF(gateway_url), false, false},
     [CFG_GATEWAY_TIMEOUT_MS] = {"GATEWAY_TIMEOUT_MS", T_DURATION, "30000", 100, 600000, 1,
                                 OFF(gateway_timeout_ms), false, false},
@@ -127,6 +127,9 @@ static const struct config_desc config_keys[CFG__COUNT] = {
                                   OFF(breaker_failure_rate), false, false},
     [CFG_BREAKER_WINDOW] = {"BREAKER_WINDOW", T_DURATION, "30", 1000, 3600000, 1000,
                             OFF(breaker_window_ms), false, false},
+    [CFG_GATEWAY_PROVIDERS] = {"GATEWAY_PROVIDERS", T_STRING, "sim", 1, 255, 0,
+                               OFF(gateway_providers), true, false},
+    [CFG_GATEWAY_KEY] = {"GATEWAY_KEY", T_STRING, NULL, 1, 4096, 0, OFF(gateway_key), false, true},
 };
 
 const char *
@@ -226,8 +229,7 @@ config_apply(struct config *cfg, enum config_key key, char *err, size_t errlen)
     size_t len;
 
     if (!raw) {
-        if (d->type == T_STRING || d->type == T_HOST || d->type == T_PATH || d->type == T_NAME ||
-            d->type == T_URL)
+        if (d->type == T_STRING || d->type == T_HOST || d->type == T_PATH || d->type == T_NAME)
             *(const char **)field = NULL;
         return 0;
     }
@@ -275,14 +277,6 @@ config_apply(struct config *cfg, enum config_key key, char *err, size_t errlen)
             return -1;
         }
         break;
-    case T_URL:
-        if (len < (size_t)d->min || len > (size_t)d->max ||
-            (strncmp(raw, "http://", 7) != 0 && strncmp(raw, "https://", 8) != 0) ||
-            strpbrk(raw, " \t\r\n")) {
-            snprintf(err, errlen, "%s must be an http:// or https:// URL", d->name);
-            return -1;
-        }
-        break;
     case T_STRING:
         if (len < (size_t)d->min || len > (size_t)d->max) {
             snprintf(err, errlen, "%s must be %ld to %ld characters long", d->name, d->min, d->max);
@@ -291,6 +285,80 @@ config_apply(struct config *cfg, enum config_key key, char *err, size_t errlen)
         break;
     }
     *(const char **)field = raw;
+    return 0;
+}
+
+static bool
+config_valid_url(const char *s)
+{
+    return (strncmp(s, "http://", 7) == 0 || strncmp(s, "https://", 8) == 0) &&
+           !strpbrk(s, " \t\r\n");
+}
+
+/* Splits a comma-separated list into fixed-size fields of the providers;
+ * returns the number of items, or -1 when there are too many or one is
+ * empty or too long. */
+static int
+config_split(const char *list, size_t field_offset, size_t cap, struct config_provider *out)
+{
+    int n = 0;
+    const char *p = list;
+    for (;;) {
+        size_t len = strcspn(p, ",");
+        if (len == 0 || len >= cap || n == CONFIG_MAX_PROVIDERS)
+            return -1;
+        char *dst = (char *)&out[n++] + field_offset;
+        memcpy(dst, p, len);
+        dst[len] = '\0';
+        if (p[len] == '\0')
+            return n;
+        p += len + 1;
+    }
+}
+
+/* GATEWAY_PROVIDERS, GATEWAY_URL and GATEWAY_KEY: parallel lists. */
+static int
+config_providers(struct config *cfg, char *err, size_t errlen)
+{
+    struct config_provider *pv = cfg->providers;
+    memset(pv, 0, sizeof(cfg->providers));
+    int n = config_split(cfg->gateway_providers, offsetof(struct config_provider, name),
+                         sizeof(pv->name), pv);
+    for (int i = 0; i < n; i++) {
+        bool ok = config_valid_name(pv[i].name);
+        for (int k = 0; k < i; k++)
+            ok = ok && strcmp(pv[i].name, pv[k].name) != 0;
+        if (!ok)
+            n = -1;
+    }
+    if (n < 0) {
+        snprintf(err, errlen,
+                 "GATEWAY_PROVIDERS must list 1 to %d distinct names (a-z, 0-9, '-', '_', at "
+                 "most 31 characters), comma-separated, in priority order",
+                 CONFIG_MAX_PROVIDERS);
+        return -1;
+    }
+    int urls =
+        config_split(cfg->gateway_url, offsetof(struct config_provider, url), sizeof(pv->url), pv);
+    for (int i = 0; urls > 0 && i < urls; i++)
+        if (!config_valid_url(pv[i].url))
+            urls = -1;
+    if (urls != n) {
+        snprintf(err, errlen,
+                 "GATEWAY_URL must list one http:// or https:// URL per provider in "
+                 "GATEWAY_PROVIDERS (%d), comma-separated",
+                 n);
+        return -1;
+    }
+    if (cfg->gateway_key && config_split(cfg->gateway_key, offsetof(struct config_provider, key),
+                                         sizeof(pv->key), pv) != n) {
+        snprintf(err, errlen,
+                 "GATEWAY_KEY must list one key per provider in GATEWAY_PROVIDERS (%d), "
+                 "comma-separated",
+                 n);
+        return -1;
+    }
+    cfg->n_providers = n;
     return 0;
 }
 
@@ -305,7 +373,7 @@ config_validate(struct config *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "METRICS_PORT must differ from PORT");
         return -1;
     }
-    return 0;
+    return config_providers(cfg, err, errlen);
 }
 
 static int

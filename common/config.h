@@ -59,7 +59,18 @@ enum config_key {
     CFG_BREAKER_OPEN_MS,
     CFG_BREAKER_FAILURE_RATE,
     CFG_BREAKER_WINDOW,
+    CFG_GATEWAY_PROVIDERS,
+    CFG_GATEWAY_KEY,
     CFG__COUNT
+};
+
+/* A gateway provider: GATEWAY_PROVIDERS names them in priority order,
+ * GATEWAY_URL and GATEWAY_KEY list their URLs and keys in the same order. */
+#define CONFIG_MAX_PROVIDERS 8
+struct config_provider {
+    char name[32];
+    char url[512];
+    char key[256]; /* empty: none sent */
 };
 
 struct config {
@@ -92,7 +103,7 @@ struct config {
     int64_t ready_check_timeout_ms;
     int64_t confirm_wait_ms;
     int64_t job_timeout_ms;
-    const char *gateway_url;
+    const char *gateway_url; /* one per provider, comma-separated */
     int64_t gateway_timeout_ms;
     int worker_concurrency;
     int64_t db_queue_timeout_ms;
@@ -115,6 +126,10 @@ struct config {
     int64_t breaker_open_ms;
     int breaker_failure_rate;
     int64_t breaker_window_ms;
+    const char *gateway_providers;
+    const char *gateway_key;
+    int n_providers;
+    struct config_provider providers[CONFIG_MAX_PROVIDERS];
 };
 
 /* Loads the configuration: defaults, then the environment, then the file at

@@ -15,7 +15,7 @@ jobs_message(const char *op, const char *request_id, int64_t deadline_ms, PGresu
              int amount_col, int64_t amount_to_capture, const char *reason, size_t *len)
 {
     struct envelope_writer w;
-    envelope_begin(&w, MSG_JOB, request_id, deadline_ms, 11);
+    envelope_begin(&w, MSG_JOB, request_id, deadline_ms, 12);
     envelope_put_str(&w, "op", op);
     envelope_put_int(&w, "intent_id", strtoll(PQgetvalue(res, row, amount_col - 4), NULL, 10));
     envelope_put_int(&w, "version", strtoll(PQgetvalue(res, row, amount_col - 3), NULL, 10));
@@ -25,6 +25,7 @@ jobs_message(const char *op, const char *request_id, int64_t deadline_ms, PGresu
     envelope_put_str(&w, "currency", PQgetvalue(res, row, amount_col + 1));
     envelope_put_str(&w, "payment_method", PQgetvalue(res, row, amount_col + 2));
     envelope_put_str(&w, "capture_method", PQgetvalue(res, row, amount_col + 3));
+    envelope_put_str(&w, "provider", PQgetvalue(res, row, amount_col + 4));
     envelope_put_int(&w, "amount_to_capture", amount_to_capture);
     envelope_put_str(&w, "reason", reason ? reason : "");
     return envelope_finish(&w, len);

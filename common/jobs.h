@@ -10,7 +10,7 @@
  * statement names the intent row "upd"). */
 #define JOB_COLS                                                                                   \
     "upd.id, upd.version, upd.public_id, upd.account_id, upd.amount, upd.currency,"                \
-    " coalesce(upd.payment_method, ''), upd.capture_method"
+    " coalesce(upd.payment_method, ''), upd.capture_method, coalesce(upd.gateway_provider, '')"
 #define JOB_AMOUNT_COL_OFFSET 4 /* amount is the fifth of JOB_COLS */
 
 /* The job envelope for a worker, from a row with the JOB_COLS whose amount

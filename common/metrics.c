@@ -85,6 +85,9 @@ static const struct counter_desc counter_catalog[MC__COUNT] = {
                             "Open payment intents canceled at expires_at."},
     [MC_IDEMPOTENCY_KEYS_REMOVED] = {"paymentd_idempotency_keys_removed_total",
                                      "Idempotency keys removed after 24 hours."},
+    [MC_GATEWAY_FAILOVERS] = {"paymentd_gateway_failovers_total",
+                              "Payments moved to the next gateway provider (the previous one "
+                              "certainly did not take them)."},
 };
 
 void
@@ -338,13 +341,15 @@ metrics_render(const struct shm_segment *seg, const char *version, const char *c
                         bad[0], bad[1]);
     metrics_header(out, "paymentd_circuit_breaker_state",
                    "Gateway circuit breaker: 0 closed, 1 open, 2 half-open.", "gauge");
-    evbuffer_add_printf(out, "paymentd_circuit_breaker_state{provider=\"sim\"} %u\n",
-                        atomic_load(&seg->breakers[0].state));
+    for (int i = 0; i < SHM_MAX_BREAKERS && seg->breakers[i].provider[0]; i++)
+        evbuffer_add_printf(out, "paymentd_circuit_breaker_state{provider=\"%s\"} %u\n",
+                            seg->breakers[i].provider, atomic_load(&seg->breakers[i].state));
     metrics_header(out, "paymentd_circuit_breaker_opened_total",
                    "Times the gateway circuit breaker opened.", "counter");
-    evbuffer_add_printf(out,
-                        "paymentd_circuit_breaker_opened_total{provider=\"sim\"} %" PRIu64 "\n",
-                        atomic_load(&seg->breakers[0].opened_total));
+    for (int i = 0; i < SHM_MAX_BREAKERS && seg->breakers[i].provider[0]; i++)
+        evbuffer_add_printf(out,
+                            "paymentd_circuit_breaker_opened_total{provider=\"%s\"} %" PRIu64 "\n",
+                            seg->breakers[i].provider, atomic_load(&seg->breakers[i].opened_total));
     metrics_header(out, "paymentd_events_pending", "Events written and not yet published.",
                    "gauge");
     evbuffer_add_printf(out, "paymentd_events_pending %" PRId64 "\n", pending);

@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 #define SHM_MAGIC          0x50415944u /* "PAYD" */
-#define SHM_LAYOUT_VERSION 9u
+#define SHM_LAYOUT_VERSION 10u
 #define SHM_MAX_SLOTS      72 /* supervisor + 32 api + 32 workers + outbox + exporter + spare */
 
 enum role_kind { ROLE_SUPERVISOR, ROLE_API, ROLE_WORKER, ROLE_OUTBOX, ROLE_EXPORTER, ROLE__COUNT };
@@ -43,6 +43,7 @@ enum metric_counter {
     MC_PAYMENTS_REDRIVEN,
     MC_INTENTS_EXPIRED,
     MC_IDEMPOTENCY_KEYS_REMOVED,
+    MC_GATEWAY_FAILOVERS,
     MC__COUNT
 };
 
@@ -126,6 +127,7 @@ struct shm_breaker {
     _Atomic int64_t window_start_ms; /* the failure-rate window */
     _Atomic uint32_t window_calls;
     _Atomic uint32_t window_failures;
+    char provider[32]; /* written once by the supervisor before any role starts */
 };
 
 struct shm_segment {
@@ -136,7 +138,7 @@ struct shm_segment {
     _Atomic int32_t supervisor_pid;
     _Atomic uint32_t draining;
     _Atomic int64_t created_ms;
-    struct shm_breaker breakers[SHM_MAX_BREAKERS]; /* index 0: the sim provider */
+    struct shm_breaker breakers[SHM_MAX_BREAKERS]; /* GATEWAY_PROVIDERS' order */
     struct shm_slot slots[SHM_MAX_SLOTS];
 };
 

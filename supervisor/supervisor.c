@@ -593,6 +593,9 @@ supervisor_run(const char *config_path)
     s.seg = shm_create(s.cfg.instance, err, sizeof(err));
     if (!s.seg)
         log_fatal(EXIT_ROLE_CONFIG, "%s", err);
+    for (int i = 0; i < s.cfg.n_providers && i < SHM_MAX_BREAKERS; i++)
+        snprintf(s.seg->breakers[i].provider, sizeof(s.seg->breakers[i].provider), "%s",
+                 s.cfg.providers[i].name);
     s.slot = &s.seg->slots[shm_slot_claim(s.seg, ROLE_SUPERVISOR, 0)];
     atomic_store(&s.slot->pid, getpid());
     atomic_store(&s.slot->started_ms, shm_now_ms());

@@ -10,8 +10,10 @@
  *   POST /v1/refunds {charge, amount}         GET /v1/charges/:id
  *   GET  /v1/charges?idempotency_key=K        (retrieve by key, for recovery)
  *   GET  /v1/ledger                           every charge, and how many
- *   POST /_config {latency_ms, fail_rate, reset_rate, timeout_rate, rate_limit_rate}
+ *   POST /_config {latency_ms, fail_rate, reset_rate, timeout_rate, rate_limit_rate,
+ *                  refuse_ms: refuse connections for that long}
  *   POST /_reset                               forget every charge
+ * With --key, every /v1 call but the ledger needs "Authorization: Bearer KEY" (401 otherwise).
  * Test payment methods use Stripe's names: pm_card_visa and other cards
  * succeed, pm_card_chargeDeclined and pm_card_insufficientFunds decline,
  * pm_card_authenticationRequired needs action. Fault injection (by flag or
@@ -44,6 +46,12 @@ struct sim {
     long latency_ms;
     int fail_rate, reset_rate, timeout_rate, rate_limit_rate; /* percent */
     long long charges_made;
+    struct evhttp *http;
+    struct evhttp_bound_socket *listener; /* NULL while refusing connections */
+    const char *bind;
+    int port;
+    struct event *refuse_timer;
+    const char *key; /* --key: the Bearer token every /v1 call but the ledger must carry */
 };
 
 static struct sim sim;
@@ -111,6 +119,18 @@ sim_answer(struct evhttp_request *req, int code, const char *body, bool faults)
         p->reset = true;
     p->timer = evtimer_new(sim.base, sim_on_delay, p);
     struct timeval tv = {delay / 1000, (delay % 1000) * 1000};
+    evtimer_add(p->timer, &tv);
+}
+
+/* Closes the request's connection without reading or answering it. */
+static void
+sim_drop(struct evhttp_request *req)
+{
+    struct pending *p = xcalloc(1, sizeof(*p));
+    p->req = req;
+    p->reset = true;
+    p->timer = evtimer_new(sim.base, sim_on_delay, p);
+    struct timeval tv = {0, 0};
     evtimer_add(p->timer, &tv);
 }
 
@@ -391,8 +411,40 @@ sim_config(struct evhttp_request *req)
         sim.rate_limit_rate = (int)json_integer_value(json_object_get(b, "rate_limit_rate"));
     if (json_is_integer(json_object_get(b, "timeout_rate")))
         sim.timeout_rate = (int)json_integer_value(json_object_get(b, "timeout_rate"));
+    json_int_t refuse = json_integer_value(json_object_get(b, "refuse_ms"));
     json_decref(b);
     sim_send_now(req, 200, "{\"ok\":true}");
+    if (refuse > 0 && sim.listener) {
+        /* Down for refuse_ms: the listening socket is closed (new connections
+         * are refused) and requests on open connections are dropped unread. */
+        evhttp_del_accept_socket(sim.http, sim.listener);
+        sim.listener = NULL;
+        struct timeval tv = {(time_t)(refuse / 1000), (suseconds_t)(refuse % 1000) * 1000};
+        evtimer_add(sim.refuse_timer, &tv);
+    }
+}
+
+static int
+sim_listen(char *err, size_t errlen)
+{
+    int fd = net_listen(sim.bind, sim.port, false, err, errlen);
+    if (fd < 0)
+        return -1;
+    sim.listener = evhttp_accept_socket_with_handle(sim.http, fd);
+    return sim.listener ? 0 : -1;
+}
+
+static void
+sim_on_refuse_end(evutil_socket_t fd, short what, void *arg)
+{
+    char err[256];
+    (void)fd;
+    (void)what;
+    (void)arg;
+    if (sim_listen(err, sizeof(err)) < 0) {
+        fprintf(stderr, "gatewaysim: cannot listen again: %s\n", err);
+        event_base_loopbreak(sim.base);
+    }
 }
 
 static void
@@ -402,6 +454,18 @@ sim_route(struct evhttp_request *req, void *arg)
     (void)arg;
     if (!path)
         path = "/";
+    if (!sim.listener) {
+        sim_drop(req);
+        return;
+    }
+    if (sim.key && strncmp(path, "/v1/", 4) == 0 && strcmp(path, "/v1/ledger") != 0) {
+        const char *auth =
+            evhttp_find_header(evhttp_request_get_input_headers(req), "Authorization");
+        if (!auth || strncmp(auth, "Bearer ", 7) != 0 || strcmp(auth + 7, sim.key) != 0) {
+            sim_send_now(req, 401, "{\"error\":{\"message\":\"invalid API key\"}}");
+            return;
+        }
+    }
     switch (evhttp_request_get_command(req)) {
     case EVHTTP_REQ_GET:
         sim_get(req, path);
@@ -443,11 +507,12 @@ main(int argc, char **argv)
                                          {"fail-rate", required_argument, NULL, 'f'},
                                          {"reset-rate", required_argument, NULL, 'r'},
                                          {"timeout-rate", required_argument, NULL, 't'},
+                                         {"key", required_argument, NULL, 'k'},
                                          {NULL, 0, NULL, 0}};
     int port = 12111, opt;
     const char *bind = "127.0.0.1";
     char err[256];
-    while ((opt = getopt_long(argc, argv, "p:b:l:f:r:t:", opts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "p:b:l:f:r:t:k:", opts, NULL)) != -1) {
         switch (opt) {
         case 'p':
             port = atoi(optarg);
@@ -467,9 +532,13 @@ main(int argc, char **argv)
         case 't':
             sim.timeout_rate = atoi(optarg);
             break;
+        case 'k':
+            sim.key = optarg;
+            break;
         default:
-            fprintf(stderr, "usage: gatewaysim [--port N] [--bind ADDR] [--latency-ms N] "
-                            "[--fail-rate PCT] [--reset-rate PCT] [--timeout-rate PCT]\n");
+            fprintf(stderr,
+                    "usage: gatewaysim [--port N] [--bind ADDR] [--latency-ms N] "
+                    "[--fail-rate PCT] [--reset-rate PCT] [--timeout-rate PCT] [--key KEY]\n");
             return 2;
         }
     }
@@ -482,15 +551,17 @@ main(int argc, char **argv)
     sim.charges = json_object();
     sim.by_key = json_object();
     sim.ordered = json_array();
-    int fd = net_listen(bind, port, false, err, sizeof(err));
-    if (fd < 0) {
+    struct evhttp *http = evhttp_new(sim.base);
+    sim.http = http;
+    sim.bind = bind;
+    sim.port = port;
+    sim.refuse_timer = evtimer_new(sim.base, sim_on_refuse_end, NULL);
+    evhttp_set_gencb(http, sim_route, NULL);
+    evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_POST);
+    if (sim_listen(err, sizeof(err)) < 0) {
         fprintf(stderr, "gatewaysim: %s\n", err);
         return 1;
     }
-    struct evhttp *http = evhttp_new(sim.base);
-    evhttp_set_gencb(http, sim_route, NULL);
-    evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_POST);
-    evhttp_accept_socket_with_handle(http, fd);
     struct event *term = evsignal_new(sim.base, SIGTERM, sim_on_signal, sim.base);
     struct event *intr = evsignal_new(sim.base, SIGINT, sim_on_signal, sim.base);
     evsignal_add(term, NULL);
@@ -500,6 +571,7 @@ main(int argc, char **argv)
     evhttp_free(http);
     event_free(term);
     event_free(intr);
+    event_free(sim.refuse_timer);
     event_base_free(sim.base);
     json_decref(sim.charges);
     json_decref(sim.by_key);

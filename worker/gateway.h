@@ -49,7 +49,10 @@ struct gateway {
     void *impl;
 };
 
-struct gateway *gateway_sim_new(struct curlev *curl, const char *base_url, long timeout_ms);
+/* A gatewaysim-compatible provider called `name` at base_url; key, when
+ * not empty, is sent as a Bearer token. */
+struct gateway *gateway_sim_new(struct curlev *curl, const char *name, const char *base_url,
+                                const char *key, long timeout_ms);
 const char *gateway_outcome_name(enum gw_outcome o);
 
 #endif

@@ -21,6 +21,7 @@
 struct sim {
     struct curlev *curl;
     char *base;
+    char *auth; /* "Authorization: Bearer ...", or NULL */
     long timeout_ms;
 };
 
@@ -72,6 +73,14 @@ sim_on_response(void *arg, const struct curlev_response *resp)
     if (resp->status >= 500 || !body) {
         res.outcome = GW_AMBIGUOUS;
         snprintf(res.message, sizeof(res.message), "gateway answered %ld", resp->status);
+        json_decref(body);
+        goto out;
+    }
+    if (resp->status == 401 || resp->status == 403) {
+        /* Our credentials, not the payment: certainly not processed, and
+         * another provider may take it. */
+        res.outcome = GW_NOT_PROCESSED;
+        snprintf(res.message, sizeof(res.message), "gateway refused the key (%ld)", resp->status);
         json_decref(body);
         goto out;
     }
@@ -149,7 +158,7 @@ sim_call(struct gateway *gw, const struct gw_request *req, gw_cb cb, void *arg)
     char *text = req->op == GW_RETRIEVE ? NULL : json_dumps(body, JSON_COMPACT);
     json_decref(body);
     snprintf(key, sizeof(key), "Idempotency-Key: %s", req->idempotency_key);
-    const char *headers[] = {"Content-Type: application/json", key, "Expect:", NULL};
+    const char *headers[] = {"Content-Type: application/json", key, "Expect:", s->auth, NULL};
     curlev_request(s->curl, method, url, headers, text, s->timeout_ms, sim_on_response, call);
     free(text);
 }
@@ -159,12 +168,14 @@ sim_free(struct gateway *gw)
 {
     struct sim *s = gw->impl;
     free(s->base);
+    free(s->auth);
     free(s);
     free(gw);
 }
 
 struct gateway *
-gateway_sim_new(struct curlev *curl, const char *base_url, long timeout_ms)
+gateway_sim_new(struct curlev *curl, const char *name, const char *base_url, const char *key,
+                long timeout_ms)
 {
     struct gateway *gw = xcalloc(1, sizeof(*gw));
     struct sim *s = xcalloc(1, sizeof(*s));
@@ -174,7 +185,12 @@ gateway_sim_new(struct curlev *curl, const char *base_url, long timeout_ms)
     if (n && s->base[n - 1] == '/')
         s->base[n - 1] = '\0';
     s->timeout_ms = timeout_ms;
-    gw->name = "sim";
+    if (key && *key) {
+        size_t len = strlen(key) + 32;
+        s->auth = xmalloc(len);
+        snprintf(s->auth, len, "Authorization: Bearer %s", key);
+    }
+    gw->name = name;
     gw->call = sim_call;
     gw->free = sim_free;
     gw->impl = s;

@@ -42,7 +42,8 @@ struct worker {
     struct role_ctx *ctx;
     struct pgev_pool *pg;
     struct curlev *curl;
-    struct gateway *gw;
+    struct gateway *gw[CONFIG_MAX_PROVIDERS]; /* GATEWAY_PROVIDERS, in priority order */
+    int n_gw;
     nng_socket sock;
     int jobs;
 };
@@ -55,6 +56,8 @@ struct job {
     int64_t intent_id, version, account_id, amount, amount_to_capture;
     char public_id[64], currency[8], payment_method[256], capture_method[16], reason[40];
     char charge_id[64];
+    char provider[32]; /* the provider this payment is pinned to; empty: the first */
+    int prov;          /* its index in w->gw */
     char idem_key[128];
     int attempt;
     int64_t gateway_started_us;
@@ -198,7 +201,7 @@ job_record(struct job *j, const struct outcome *o, const char *charge_id)
                               o->failure_code,
                               o->failure_message,
                               o->event,
-                              j->w->gw->name};
+                              j->w->gw[j->prov]->name};
     pgev_exec(j->w->pg,
               "WITH upd AS (UPDATE payment_intents p SET status = $3,"
               "  amount_received = coalesce($4::bigint, p.amount_received),"
@@ -356,6 +359,91 @@ job_on_retry(evutil_socket_t fd, short what, void *arg)
 }
 
 static void
+job_retry_later(struct job *j, const struct gw_result *r)
+{
+    /* Full jitter: a random delay up to the exponential ceiling, capped;
+     * a Retry-After from the gateway (429) is honoured, within the cap. */
+    const struct config *cfg = &j->w->ctx->cfg;
+    uint32_t rnd = 0;
+    if (getrandom(&rnd, sizeof(rnd), 0) != sizeof(rnd))
+        rnd = 0;
+    int64_t cap = cfg->gateway_retry_cap_ms;
+    int64_t ceiling = j->attempt < 30 ? (int64_t)JOB_BACKOFF_BASE_MS << j->attempt : cap;
+    if (ceiling > cap)
+        ceiling = cap;
+    long delay = (long)(rnd % (uint32_t)ceiling);
+    if (r->retry_after_ms > 0)
+        delay = r->retry_after_ms < cap ? r->retry_after_ms : (long)cap;
+    log_warn("payment %s: gateway %s %s (%s); retry %d in %ld ms with the same key", j->public_id,
+             j->w->gw[j->prov]->name, gateway_outcome_name(r->outcome), r->message, j->attempt,
+             delay);
+    if (!j->retry)
+        j->retry = evtimer_new(j->w->ctx->base, job_on_retry, j);
+    struct timeval tv = {delay / 1000, (delay % 1000) * 1000};
+    evtimer_add(j->retry, &tv);
+}
+
+static void
+job_on_pinned(void *arg, PGresult *res, const char *err)
+{
+    struct job *j = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        /* Not pinned, so not sent: the sweep re-drives it from the same provider. */
+        log_error("payment %s: failover not recorded: %s; left for recovery", j->public_id,
+                  err ? err : PQresultErrorMessage(res));
+        job_reply_current(j);
+        return;
+    }
+    if (PQntuples(res) == 0) {
+        job_reply_current(j); /* another attempt moved it first */
+        return;
+    }
+    j->prov++;
+    snprintf(j->provider, sizeof(j->provider), "%s", j->w->gw[j->prov]->name);
+    job_call(j);
+}
+
+/* The provider certainly did not take the charge: pin the payment to the
+ * next provider (so recovery asks that one) before calling it. */
+static void
+job_failover(struct job *j, const struct gw_result *r)
+{
+    struct worker *w = j->w;
+    char id[24], version[24];
+    snprintf(id, sizeof(id), "%lld", (long long)j->intent_id);
+    snprintf(version, sizeof(version), "%lld", (long long)j->version);
+    log_warn("payment %s: %s did not take it (%s); failing over to %s", j->public_id,
+             w->gw[j->prov]->name, r->message, w->gw[j->prov + 1]->name);
+    metric_inc(role_metrics(w->ctx), MC_GATEWAY_FAILOVERS);
+    const char *params[4] = {id, version, w->gw[j->prov + 1]->name, w->gw[j->prov]->name};
+    pgev_exec(w->pg,
+              "UPDATE payment_intents SET gateway_provider = $3 WHERE id = $1 AND version = $2"
+              " AND status = 'processing' AND gateway_provider = $4 RETURNING 1",
+              4, params, job_on_pinned, j);
+}
+
+/* What follows a gateway answer (or a breaker's refusal): failover when
+ * the provider certainly did not take a charge and another one is left,
+ * a retry with the same key and provider for what may be retried, else
+ * the outcome is recorded (or left for recovery). */
+static void
+job_next(struct job *j, const struct gw_result *r, bool refused)
+{
+    const struct config *cfg = &j->w->ctx->cfg;
+    if (r->outcome == GW_NOT_PROCESSED && strcmp(j->op, "confirm") == 0 &&
+        j->prov + 1 < j->w->n_gw) {
+        job_failover(j, r);
+        return;
+    }
+    bool retryable = r->outcome == GW_NOT_PROCESSED || r->outcome == GW_AMBIGUOUS;
+    if (retryable && !refused && ++j->attempt < cfg->gateway_max_attempts) {
+        job_retry_later(j, r);
+        return;
+    }
+    job_finish(j, r);
+}
+
+static void
 job_on_gateway(void *arg, const struct gw_result *r)
 {
     struct job *j = arg;
@@ -366,30 +454,10 @@ job_on_gateway(void *arg, const struct gw_result *r)
     /* A decline or another definite answer shows the gateway is up. */
     struct breaker_policy policy = {cfg->breaker_failures, cfg->breaker_failure_rate,
                                     cfg->breaker_window_ms};
-    breaker_done(&j->w->ctx->seg->breakers[0], !retryable, j->probe, &policy, j->w->gw->name);
+    breaker_done(&j->w->ctx->seg->breakers[j->prov], !retryable, j->probe, &policy,
+                 j->w->gw[j->prov]->name);
     j->probe = false;
-    if (retryable && ++j->attempt < cfg->gateway_max_attempts) {
-        /* Full jitter: a random delay up to the exponential ceiling, capped;
-         * a Retry-After from the gateway (429) is honoured, within the cap. */
-        uint32_t rnd = 0;
-        if (getrandom(&rnd, sizeof(rnd), 0) != sizeof(rnd))
-            rnd = 0;
-        int64_t cap = cfg->gateway_retry_cap_ms;
-        int64_t ceiling = j->attempt < 30 ? (int64_t)JOB_BACKOFF_BASE_MS << j->attempt : cap;
-        if (ceiling > cap)
-            ceiling = cap;
-        long delay = (long)(rnd % (uint32_t)ceiling);
-        if (r->retry_after_ms > 0)
-            delay = r->retry_after_ms < cap ? r->retry_after_ms : (long)cap;
-        log_warn("payment %s: gateway %s (%s); retry %d in %ld ms with the same key", j->public_id,
-                 gateway_outcome_name(r->outcome), r->message, j->attempt, delay);
-        if (!j->retry)
-            j->retry = evtimer_new(j->w->ctx->base, job_on_retry, j);
-        struct timeval tv = {delay / 1000, (delay % 1000) * 1000};
-        evtimer_add(j->retry, &tv);
-        return;
-    }
-    job_finish(j, r);
+    job_next(j, r, false);
 }
 
 static void
@@ -410,16 +478,19 @@ job_call(struct job *j)
     } else {
         req.op = GW_CANCEL;
     }
-    if (!breaker_allow(&j->w->ctx->seg->breakers[0], j->w->ctx->cfg.breaker_open_ms, &j->probe)) {
-        /* Refused without calling: certainly not received. The payment stays
-         * processing and the sweeps finish it once the gateway is back. */
+    if (!breaker_allow(&j->w->ctx->seg->breakers[j->prov], j->w->ctx->cfg.breaker_open_ms,
+                       &j->probe)) {
+        /* Refused without calling: certainly not received. Another provider
+         * may take it; else the payment stays processing and the sweeps
+         * finish it once the gateway is back. */
         struct gw_result r = {.outcome = GW_NOT_PROCESSED};
         snprintf(r.message, sizeof(r.message), "circuit breaker open");
-        job_finish(j, &r);
+        job_next(j, &r, true);
         return;
     }
     j->gateway_started_us = http_now_us();
-    j->w->gw->call(j->w->gw, &req, job_on_gateway, j);
+    struct gateway *gw = j->w->gw[j->prov];
+    gw->call(gw, &req, job_on_gateway, j);
 }
 
 /* Capture and cancel act on the charge the confirm created. */
@@ -451,6 +522,7 @@ job_decode(struct job *j, const struct envelope *env)
         envelope_get_str(b, "currency", j->currency, sizeof(j->currency)) < 0 ||
         envelope_get_str(b, "payment_method", j->payment_method, sizeof(j->payment_method)) < 0 ||
         envelope_get_str(b, "capture_method", j->capture_method, sizeof(j->capture_method)) < 0 ||
+        envelope_get_str(b, "provider", j->provider, sizeof(j->provider)) < 0 ||
         envelope_get_int(b, "amount_to_capture", &j->amount_to_capture) < 0 ||
         envelope_get_str(b, "reason", j->reason, sizeof(j->reason)) < 0)
         return -1;
@@ -460,6 +532,17 @@ job_decode(struct job *j, const struct envelope *env)
     if (j->intent_id <= 0 || j->amount <= 0 || j->amount_to_capture < 0)
         return -1;
     return 0;
+}
+
+static int
+worker_provider(const struct worker *w, const char *name)
+{
+    if (!*name)
+        return 0;
+    for (int i = 0; i < w->n_gw; i++)
+        if (strcmp(w->gw[i]->name, name) == 0)
+            return i;
+    return -1;
 }
 
 static void
@@ -498,6 +581,15 @@ worker_on_message(void *arg, struct nngev_job *nj, nng_msg *msg)
      * again after a decline is a new attempt with a new key. */
     snprintf(j->idem_key, sizeof(j->idem_key), "%s:%s:%lld", j->public_id, j->op,
              (long long)j->version);
+    j->prov = worker_provider(w, j->provider);
+    if (j->prov < 0) {
+        /* Only the provider it is pinned to can say whether it was charged. */
+        log_error("payment %s is pinned to gateway provider %s, which is not configured; left "
+                  "processing",
+                  j->public_id, j->provider);
+        job_reply_current(j);
+        return;
+    }
     if (strcmp(j->op, "confirm") == 0) {
         job_call(j);
         return;
@@ -524,12 +616,15 @@ worker_main(struct role_ctx *ctx)
     }
     w.pg = pgev_pool_new(ctx->base, cfg, cfg->db_pool_size);
     w.curl = curlev_new(ctx->base);
-    w.gw = gateway_sim_new(w.curl, cfg->gateway_url, (long)cfg->gateway_timeout_ms);
+    for (int i = 0; i < cfg->n_providers && i < SHM_MAX_BREAKERS; i++)
+        w.gw[w.n_gw++] = gateway_sim_new(w.curl, cfg->providers[i].name, cfg->providers[i].url,
+                                         cfg->providers[i].key, (long)cfg->gateway_timeout_ms);
     nngev_serve(ctx->nngev, w.sock, cfg->worker_concurrency, worker_on_message, &w);
     role_ready(ctx);
     event_base_dispatch(ctx->base);
     nng_close(w.sock);
-    w.gw->free(w.gw);
+    for (int i = 0; i < w.n_gw; i++)
+        w.gw[i]->free(w.gw[i]);
     curlev_free(w.curl);
     pgev_pool_free(w.pg);
     return 0;

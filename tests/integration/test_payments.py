@@ -366,6 +366,8 @@ class IdempotencyTest(unittest.TestCase):
 
     def test_with_redis_stopped(self):
         pd, acct_id, c = self.start(free_port())  # nothing listens there
+        code, body = pd.json("/readyz")
+        self.assertEqual((code, body["status"]), (200, "degraded"), body)
         self.check(c, acct_id, "key-no-redis", self.burst(c, "key-no-redis"))
 
     def test_with_redis_flushed_halfway(self):
@@ -572,6 +574,8 @@ class BreakerTest(unittest.TestCase):
                 if line.startswith('paymentd_circuit_breaker_state{provider="sim"}'):
                     return int(line.split()[-1])
         wait_for(lambda: state() == 1, 10, what="breaker open")
+        code, body = pd.json("/readyz")
+        self.assertEqual((code, body["status"], body["checks"]["gateways"]), (200, "degraded", {"sim": "open"}))
         t0 = time.monotonic()
         code, pi = pay()
         self.assertEqual((code, pi["status"]), (200, "processing"))
@@ -591,3 +595,76 @@ class BreakerTest(unittest.TestCase):
             self.assertEqual(len([ch for ch in back.ledger()["data"]
                                   if (ch.get("idempotency_key") or "").startswith(p + ":")]), 1)
         self.assertIn("circuit breaker sim: closed -> open", pd.logs())
+
+
+class FailoverTest(unittest.TestCase):
+    """Two providers in priority order: a payment moves to the second only
+    when the first certainly did not take it; after an ambiguous failure it
+    stays with the first and is resolved there with the same key."""
+
+    def charges_for(self, gw, payment):
+        return [ch for ch in gw.ledger()["data"]
+                if (ch.get("idempotency_key") or "").startswith(payment + ":")]
+
+    def start(self, a, b, **kw):
+        pd = Paymentd(GATEWAY_PROVIDERS="sim_a,sim_b", GATEWAY_URL="%s,%s" % (a.url, b.url),
+                      GATEWAY_KEY="key-a,key-b", GATEWAY_TIMEOUT_MS=500, CONFIRM_WAIT_MS=5000, **kw)
+        self.addCleanup(pd.cleanup)
+        pd.start()
+        return pd
+
+    def test_certain_failure_moves_to_the_next_provider(self):
+        a = Gateway("--key", "key-a")
+        a.stop()  # connections refused: certainly not processed
+        b = Gateway("--key", "key-b")
+        self.addCleanup(b.stop)
+        pd = self.start(a, b)
+        _, _, key = new_account("failover")
+        c = Client(pd.port, key)
+        code, pi = c.post("/v1/payment_intents", {"amount": 700, "currency": "usd",
+                                                 "payment_method": "pm_card_visa", "confirm": "true"})
+        self.assertEqual((code, pi["status"]), (200, "succeeded"), pi)
+        self.assertEqual(len(self.charges_for(b, pi["id"])), 1)
+        self.assertEqual(sql("SELECT gateway_provider FROM payment_intents WHERE public_id = '%s'" % pi["id"]),
+                         [["sim_b"]])
+        self.assertEqual(sql("SELECT t.gateway_provider, t.status FROM payment_transactions t JOIN payment_intents p"
+                             " ON p.id = t.payment_intent_id WHERE p.public_id = '%s'" % pi["id"]),
+                         [["sim_b", "succeeded"]])
+        self.assertIn("failing over to sim_b", pd.logs())
+        self.assertRegex(pd.metrics(), r"paymentd_gateway_failovers_total [1-9]")
+        # A wrong key is the provider refusing us, not a decline: the next one takes it.
+        a2 = Gateway("--key", "another-key")
+        self.addCleanup(a2.stop)
+        pd2 = Paymentd(GATEWAY_PROVIDERS="sim_a,sim_b", GATEWAY_URL="%s,%s" % (a2.url, b.url),
+                       GATEWAY_KEY="key-a,key-b", CONFIRM_WAIT_MS=5000)
+        self.addCleanup(pd2.cleanup)
+        pd2.start()
+        code, pi = Client(pd2.port, key).post("/v1/payment_intents", {
+            "amount": 701, "currency": "usd", "payment_method": "pm_card_visa", "confirm": "true"})
+        self.assertEqual((code, pi["status"]), (200, "succeeded"), pi)
+        self.assertEqual(len(self.charges_for(b, pi["id"])), 1)
+        self.assertEqual(a2.ledger()["charges"], 0)
+
+    def test_ambiguous_failure_stays_with_the_same_provider(self):
+        a = Gateway("--key", "key-a", "--timeout-rate", "100")  # takes the charge, never answers
+        b = Gateway("--key", "key-b")
+        for g in (a, b):
+            self.addCleanup(g.stop)
+        pd = self.start(a, b, GATEWAY_MAX_ATTEMPTS=2, PROCESSING_LEASE_MS=1500, SWEEP_INTERVAL_MS=300)
+        _, _, key = new_account("ambiguous")
+        c = Client(pd.port, key)
+        code, pi = c.post("/v1/payment_intents", {"amount": 900, "currency": "usd",
+                                                 "payment_method": "pm_card_visa", "confirm": "true"})
+        self.assertEqual((code, pi["status"]), (200, "processing"), pi)
+        self.assertEqual(len(self.charges_for(a, pi["id"])), 1)  # a took it; the answer was lost
+        self.assertEqual(self.charges_for(b, pi["id"]), [])
+        time.sleep(2)  # the sweep re-drives it, still to sim_a, which still times out
+        self.assertEqual(self.charges_for(b, pi["id"]), [])
+        self.assertEqual(sql("SELECT status, gateway_provider FROM payment_intents WHERE public_id = '%s'" % pi["id"]),
+                         [["processing", "sim_a"]])
+        a.configure(timeout_rate=0)
+        wait_for(lambda: c.get("/v1/payment_intents/" + pi["id"])[1]["status"] == "succeeded", 30,
+                 interval=0.3, what="resolved at sim_a with the same key")
+        self.assertEqual(len(self.charges_for(a, pi["id"])), 1)
+        self.assertEqual(self.charges_for(b, pi["id"]), [])
+        self.assertNotIn("failing over", pd.logs())

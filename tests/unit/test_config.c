@@ -12,9 +12,10 @@
 
 #include "config.h"
 
-static const char *const keys_used[] = {"PORT",         "WORKERS",           "RESTART_PERIOD",
-                                        "LOG_LEVEL",    "JWT_SECRET",        "INSTANCE",
-                                        "METRICS_PORT", "POSTGRES_PASSWORD", "ROLE_HANG_TIMEOUT"};
+static const char *const keys_used[] = {
+    "PORT",        "WORKERS",      "RESTART_PERIOD",    "LOG_LEVEL",         "JWT_SECRET",
+    "INSTANCE",    "METRICS_PORT", "POSTGRES_PASSWORD", "ROLE_HANG_TIMEOUT", "GATEWAY_PROVIDERS",
+    "GATEWAY_URL", "GATEWAY_KEY"};
 
 static int
 clear_env(void **state)
@@ -119,6 +120,45 @@ test_bad_values_name_the_variable(void **state)
 }
 
 static void
+test_gateway_providers(void **state)
+{
+    (void)state;
+    struct config cfg;
+    char err[256] = "";
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), 0);
+    assert_int_equal(cfg.n_providers, 1);
+    assert_string_equal(cfg.providers[0].name, "sim");
+    assert_string_equal(cfg.providers[0].url, "http://127.0.0.1:12111");
+    assert_string_equal(cfg.providers[0].key, "");
+    config_free(&cfg);
+
+    setenv("GATEWAY_PROVIDERS", "sim_a,sim_b", 1);
+    setenv("GATEWAY_URL", "http://10.0.0.1:1,https://gw.example/x", 1);
+    setenv("GATEWAY_KEY", "ka,kb-secret", 1);
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), 0);
+    assert_int_equal(cfg.n_providers, 2);
+    assert_string_equal(cfg.providers[1].name, "sim_b");
+    assert_string_equal(cfg.providers[1].url, "https://gw.example/x");
+    assert_string_equal(cfg.providers[1].key, "kb-secret");
+    config_free(&cfg);
+
+    expect_error("GATEWAY_URL", "http://a:1", "GATEWAY_URL"); /* one URL for two providers */
+    setenv("GATEWAY_URL", "http://a:1,ftp://b", 1);
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "GATEWAY_URL"));
+    setenv("GATEWAY_URL", "http://a:1,http://b:2", 1);
+    setenv("GATEWAY_KEY", "only-one-secret", 1);
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "GATEWAY_KEY"));
+    assert_null(strstr(err, "only-one-secret"));
+    unsetenv("GATEWAY_KEY");
+    expect_error("GATEWAY_PROVIDERS", "sim_a,sim_a", "GATEWAY_PROVIDERS");
+    expect_error("GATEWAY_PROVIDERS", "sim_a,", "GATEWAY_PROVIDERS");
+    expect_error("GATEWAY_PROVIDERS", "Sim A,b", "GATEWAY_PROVIDERS");
+    expect_error("GATEWAY_PROVIDERS", "a,b,c,d,e,f,g,h,i", "GATEWAY_PROVIDERS");
+}
+
+static void
 test_secret_value_never_in_error(void **state)
 {
     (void)state;
@@ -207,6 +247,7 @@ main(void)
         cmocka_unit_test_setup(test_environment_and_units, clear_env),
         cmocka_unit_test_setup(test_file_wins_and_quotes, clear_env),
         cmocka_unit_test_setup(test_bad_values_name_the_variable, clear_env),
+        cmocka_unit_test_setup(test_gateway_providers, clear_env),
         cmocka_unit_test_setup(test_secret_value_never_in_error, clear_env),
         cmocka_unit_test_setup(test_file_errors, clear_env),
         cmocka_unit_test_setup(test_set_and_export, clear_env),
