@@ -358,6 +358,7 @@ int
 api_main(struct role_ctx *ctx)
 {
     struct api api = {.ctx = ctx};
+    idem_owner_init(&api);
     const struct config *cfg = &ctx->cfg;
     char err[256];
     int fd;

@@ -29,6 +29,7 @@ struct api {
     int64_t confirm_wait_ms;
     int jobs_in_flight; /* gateway jobs sent to workers and not yet answered */
     struct saga *saga;  /* order intake, on api/0 when SAGA_ACCOUNT is set */
+    char owner[128];    /* boot_id/pid/start time: this process, as a claim's holder */
 };
 
 /* A list request's page (lists.c). */
@@ -105,6 +106,8 @@ typedef void (*auth_cb)(struct api_req *r, int64_t account_id);
 void auth_lookup(struct api_req *r, const char *key, auth_cb cb);
 
 /* idem.c */
+/* Sets api->owner, the holder tag of this process's idempotency claims. */
+void idem_owner_init(struct api *api);
 void idem_begin(struct api_req *r);
 void idem_finish(struct api_req *r, int status, const char *body);
 

@@ -12,16 +12,18 @@
  * holds the row that decides: INSERT ... ON CONFLICT DO NOTHING claims the
  * key, and the response is written to that row before it is sent. With
  * Redis down, restarted or flushed every decision is taken from the row,
- * so the outcome is the same. A claim whose owner died (locked for more
- * than IDEM_LOCK_S) is taken over; when that owner had already created its
- * resource, the new owner answers with that resource instead of creating a
- * second one. Requests refused at validation or by an unavailable database
- * keep no result: the row is removed and the key can be used again.
- * Calls api, pgev, redisev, crypto.
+ * so the outcome is the same. A claim whose owner died is taken over: at
+ * once when the owner was an api process of this instance on this host
+ * that the role table shows is gone, else once it has been locked for more
+ * than IDEM_LOCK_S; when that owner had already created its resource, the
+ * new owner answers with that resource instead of creating a second one. Requests refused at
+ * validation or by an unavailable database keep no result: the row is removed and the key can be
+ * used again. Calls api, pgev, redisev, crypto.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "api.h"
 #include "crypto.h"
@@ -79,6 +81,61 @@ idem_redis_store(struct api_req *r, int status, const char *body)
 
 /* ---- PostgreSQL: the truth ---- */
 
+/* A process's start time in clock ticks since boot (field 22 of
+ * /proc/PID/stat), or -1 when there is no such process. */
+static long long
+idem_proc_start(int pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')'); /* the command name may hold spaces */
+    long long start = -1;
+    for (int field = 2; p && *p; p++) {
+        if (*p == ' ' && ++field == 22) {
+            start = strtoll(p + 1, NULL, 10);
+            break;
+        }
+    }
+    return start;
+}
+
+void
+idem_owner_init(struct api *api)
+{
+    char boot[64] = "unknown";
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+    if (f) {
+        if (!fgets(boot, sizeof(boot), f))
+            snprintf(boot, sizeof(boot), "unknown");
+        boot[strcspn(boot, "\n")] = '\0';
+        fclose(f);
+    }
+    snprintf(api->owner, sizeof(api->owner), "%s/%d/%lld", boot, (int)getpid(),
+             idem_proc_start(getpid()));
+}
+
+/* Is the api process that holds a claim certainly gone? Answerable only on
+ * the machine (and boot) it ran on: there the process is either missing or
+ * another one with the same pid started later. */
+static bool
+idem_owner_gone(const struct api *api, const char *holder)
+{
+    const char *slash = strchr(api->owner, '/');
+    size_t prefix = slash ? (size_t)(slash - api->owner) + 1 : 0; /* "boot_id/" */
+    int pid;
+    long long started;
+    if (!prefix || strncmp(holder, api->owner, prefix) != 0 ||
+        sscanf(holder + prefix, "%d/%lld", &pid, &started) != 2 || pid <= 0 || started < 0)
+        return false;
+    return idem_proc_start(pid) != started;
+}
+
 static void
 idem_on_takeover(void *arg, PGresult *res, const char *err)
 {
@@ -134,18 +191,23 @@ idem_on_claim(void *arg, PGresult *res, const char *err)
         idem_replay(r, status, body);
         return;
     }
-    if (strcmp(PQgetvalue(res, 0, 5), "t") == 0) {
+    bool locked = strcmp(PQgetvalue(res, 0, 5), "t") == 0;
+    const char *holder = PQgetvalue(res, 0, 6);
+    if (locked && !idem_owner_gone(r->api, holder)) {
         idem_conflict(r);
         return;
     }
+    if (locked)
+        log_warn("idempotency key %s: its api process is gone; taking the request over",
+                 r->idem_key);
     char row[32];
     snprintf(row, sizeof(row), "%lld", (long long)r->idem_row);
-    const char *params[1] = {row};
+    const char *params[3] = {row, r->api->owner, holder};
     pgev_exec(r->api->pg,
-              "UPDATE idempotency_keys SET locked_at = now() WHERE id = $1"
+              "UPDATE idempotency_keys SET locked_at = now(), locked_by = $2 WHERE id = $1"
               " AND response_code IS NULL AND (locked_at IS NULL OR locked_at < now() - "
-              "interval '" IDEM_LOCK_S_TEXT " seconds') RETURNING resource_id",
-              1, params, idem_on_takeover, r);
+              "interval '" IDEM_LOCK_S_TEXT " seconds' OR locked_by = $3) RETURNING resource_id",
+              3, params, idem_on_takeover, r);
 }
 
 static void
@@ -155,21 +217,22 @@ idem_claim_pg(struct api_req *r)
     const char *method = r->method == EVHTTP_REQ_POST ? "POST" : "GET";
     const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(r->req));
     snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
-    const char *params[5] = {account, r->idem_key, method, path, r->idem_hash};
+    const char *params[6] = {account, r->idem_key, method, path, r->idem_hash, r->api->owner};
     pgev_exec(r->api->pg,
               "WITH ins AS ("
               " INSERT INTO idempotency_keys (account_id, idempotency_key, request_method,"
-              "  request_path, request_hash, locked_at)"
-              " VALUES ($1, $2, $3, $4, decode($5, 'hex'), now())"
+              "  request_path, request_hash, locked_at, locked_by)"
+              " VALUES ($1, $2, $3, $4, decode($5, 'hex'), now(), $6)"
               " ON CONFLICT (account_id, idempotency_key) DO NOTHING RETURNING id)"
-              " SELECT 'new', id, NULL, NULL, NULL, NULL FROM ins"
+              " SELECT 'new', id, NULL, NULL, NULL, NULL, NULL FROM ins"
               " UNION ALL"
               " SELECT 'old', k.id, encode(k.request_hash, 'hex'), k.response_code,"
               "  k.response_body, (k.locked_at IS NOT NULL AND"
-              "   k.locked_at > now() - interval '" IDEM_LOCK_S_TEXT " seconds')"
+              "   k.locked_at > now() - interval '" IDEM_LOCK_S_TEXT " seconds'),"
+              "  coalesce(k.locked_by, '')"
               " FROM idempotency_keys k WHERE k.account_id = $1 AND k.idempotency_key = $2"
               "  AND NOT EXISTS (SELECT 1 FROM ins)",
-              5, params, idem_on_claim, r);
+              6, params, idem_on_claim, r);
 }
 
 /* ---- Redis: the fast path ---- */
@@ -191,10 +254,8 @@ idem_on_redis_get(void *arg, redisReply *reply)
             free(body);
             return;
         }
-        if (reply->str[0] == 'L') {
-            idem_conflict(r);
-            return;
-        }
+        /* 'L': claimed and not finished; PostgreSQL knows whether its owner
+         * still lives. */
     }
     idem_claim_pg(r);
 }

@@ -584,7 +584,10 @@ intents_confirm(struct api_req *r)
     if (!intents_can_send_job(r))
         return;
     snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
-    const char *params[5] = {r->id, account, pm, capture, r->api->ctx->cfg.providers[0].name};
+    char idem[24];
+    snprintf(idem, sizeof(idem), "%lld", (long long)r->idem_row);
+    const char *params[6] = {
+        r->id, account, pm, capture, r->api->ctx->cfg.providers[0].name, r->idem_row ? idem : NULL};
     pgev_exec(r->api->pg,
               "WITH cur AS (SELECT id, status, payment_method FROM payment_intents"
               "  WHERE public_id = $1 AND account_id = $2 FOR UPDATE),"
@@ -594,10 +597,13 @@ intents_confirm(struct api_req *r)
               "  last_payment_error = NULL, next_action = NULL,"
               "  version = p.version + 1, updated_at = now()"
               "  FROM cur WHERE p.id = cur.id AND cur.status IN (" OPEN_STATES ")"
-              "  AND coalesce($3, cur.payment_method) IS NOT NULL RETURNING p.*)"
+              "  AND coalesce($3, cur.payment_method) IS NOT NULL RETURNING p.*),"
+              /* A retry of this key after its api died answers with the payment. */
+              " idem AS (UPDATE idempotency_keys SET recovery_point = 'confirm_started',"
+              "  resource_id = upd.id FROM upd WHERE idempotency_keys.id = $6::bigint)"
               " SELECT (SELECT status FROM cur), (SELECT payment_method IS NOT NULL FROM cur),"
               "  " OBJ("upd") ", " JOB_COLS " FROM (SELECT 1) one LEFT JOIN upd ON true",
-              5, params, intents_on_confirm_started, r);
+              6, params, intents_on_confirm_started, r);
 }
 
 /* ---- capture and cancel of an authorization (worker jobs) ---- */

@@ -1,6 +1,9 @@
 """The payments core over HTTP against real PostgreSQL, Redis and gatewaysim:
 lifecycle, idempotency, account isolation, bad input, pagination, workers down."""
+import hashlib
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -595,6 +598,64 @@ class BreakerTest(unittest.TestCase):
             self.assertEqual(len([ch for ch in back.ledger()["data"]
                                   if (ch.get("idempotency_key") or "").startswith(p + ":")]), 1)
         self.assertIn("circuit breaker sim: closed -> open", pd.logs())
+
+
+class ClaimTakeoverTest(unittest.TestCase):
+    """An api process killed while it holds an idempotency key: the retry is
+    taken over at once (the holder is certainly gone) and answers with the
+    payment the first request started, never a second one; a holder that may
+    be alive elsewhere still gets 409."""
+
+    def test_dead_holder_is_taken_over(self):
+        slow = Gateway("--latency-ms", "3000")
+        self.addCleanup(slow.stop)
+        pd = Paymentd(GATEWAY_URL=slow.url, API_PROCESSES=1, CONFIRM_WAIT_MS=20000)
+        self.addCleanup(pd.cleanup)
+        pd.start()
+        _, acct_id, key = new_account("takeover")
+        c = Client(pd.port, key)
+        _, pi = c.post("/v1/payment_intents", {"amount": 1234, "currency": "usd", "payment_method": "pm_card_visa"})
+        confirm = "/v1/payment_intents/%s/confirm" % pi["id"]
+        threading.Thread(target=lambda: self.swallow(c, confirm), daemon=True).start()
+        wait_for(lambda: sql("SELECT count(*) FROM idempotency_keys WHERE idempotency_key = 'held-1'"
+                             " AND locked_by IS NOT NULL AND account_id = %s" % acct_id)[0][0] == "1", 10,
+                 what="claim held")
+        wait_for(lambda: sql("SELECT status FROM payment_intents WHERE public_id = '%s'" % pi["id"])[0][0]
+                 == "processing", 10, what="confirm started")
+        api = [r for r in pd.status() if r["role"] == "api"][0]
+        os.kill(api["pid"], signal.SIGKILL)
+        wait_for(lambda: any(r["role"] == "api" and r["state"] == "running" and r["pid"] != api["pid"]
+                             for r in pd.status()), 20, what="api restarted")
+        t0 = time.monotonic()
+        code, body = wait_for(lambda: (lambda r: r if r[0] != 503 else None)(c.post(confirm, {}, idem="held-1")),
+                              10, what="retry answered")
+        self.assertLess(time.monotonic() - t0, 10)
+        self.assertEqual(code, 200, body)
+        self.assertEqual(body["id"], pi["id"])
+        self.assertIn("its api process is gone", pd.logs())
+        wait_for(lambda: c.get("/v1/payment_intents/" + pi["id"])[1]["status"] == "succeeded", 30,
+                 interval=0.3, what="payment completed")
+        self.assertEqual(len([ch for ch in slow.ledger()["data"]
+                              if (ch.get("idempotency_key") or "").startswith(pi["id"] + ":")]), 1)
+        self.assertEqual(intents_of(acct_id), 1)
+        # A claim held by a process on another machine may still be running: 409.
+        _, pi2 = c.post("/v1/payment_intents", {"amount": 99, "currency": "usd"})
+        update = ("/v1/payment_intents/%s" % pi2["id"], {"description": "x"})
+        self.assertEqual(c.post(*update, idem="held-2")[0], 200)
+        sql("UPDATE idempotency_keys SET response_code = NULL, response_body = NULL, locked_at = now(),"
+            " locked_by = 'another-boot-id/1/1' WHERE idempotency_key = 'held-2'"
+            " AND account_id = %s" % acct_id)
+        subprocess.run(["redis-cli", "-p", os.environ.get("REDIS_PORT", "6379"), "DEL", "idem:%s:%s" % (
+            acct_id, hashlib.sha256(b"held-2").hexdigest()[:32])], check=True, capture_output=True)
+        code, body = c.post(*update, idem="held-2")
+        self.assertEqual(code, 409, body)
+
+    @staticmethod
+    def swallow(c, path):
+        try:
+            c.post(path, {}, idem="held-1")
+        except Exception:
+            pass  # the api is killed under this request
 
 
 class FailoverTest(unittest.TestCase):
