@@ -31,7 +31,9 @@ class SupervisorTest(unittest.TestCase):
         self.assertEqual((code, body["status"]), (200, "ok"))
         code, body = wait_for(lambda: (lambda c: c if c[0] == 200 else None)(pd.json("/readyz")),
                               15, what="/readyz 200")
-        self.assertEqual(body["checks"], {"postgres": "ok", "redis": "ok", "workers": "ok"})
+        self.assertEqual(body["checks"], {"postgres": "ok", "redis": "ok", "workers": "ok",
+                                          "gateways": {"sim": "closed"}})
+        self.assertEqual(body["status"], "ready")
         self.assertIn("pong from worker/1", pd.ctl("ping", "worker/1").stdout)
         self.assertIn("pong from outbox/0", pd.ctl("ping", "outbox/0").stdout)
         metrics = pd.metrics()
