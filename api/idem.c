@@ -303,52 +303,119 @@ idem_begin(struct api_req *r)
 
 /* ---- storing the answer ---- */
 
+/* Writing the answer (or releasing a key nothing was done under) outlives
+ * the request when the database is away: the client gets its answer at
+ * once, and the write is tried again so that the key is not left locked
+ * by a process that is no longer working on it. */
+#define IDEM_WRITE_TRIES    30
+#define IDEM_WRITE_RETRY_MS 2000
+
 struct idem_store {
-    struct api_req *r;
+    struct api_req *r; /* NULL once the answer was sent */
+    struct api *api;
     int status;
     char *body;
+    char row[32];
+    bool release;
+    int tries;
+    struct event *timer;
 };
+
+static void idem_write(struct idem_store *st);
+
+static void
+idem_store_free(struct idem_store *st)
+{
+    if (st->timer)
+        event_free(st->timer);
+    free(st->body);
+    free(st);
+}
+
+static void
+idem_on_write_retry(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    idem_write(arg);
+}
 
 static void
 idem_on_stored(void *arg, PGresult *res, const char *err)
 {
     struct idem_store *st = arg;
     struct api_req *r = st->r;
-    if (!res || (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK))
-        log_error("idempotency key %s: response not stored: %s", r->idem_key,
+    bool ok =
+        res && (PQresultStatus(res) == PGRES_COMMAND_OK || PQresultStatus(res) == PGRES_TUPLES_OK);
+    if (r) {
+        if (ok && !st->release)
+            idem_redis_store(r, st->status, st->body);
+        api_send(r, st->status, st->body);
+        st->r = NULL;
+    }
+    if (ok) {
+        if (st->tries > 1)
+            log_info("idempotency key row %s: %s after %d tries", st->row,
+                     st->release ? "released" : "answer stored", st->tries);
+        idem_store_free(st);
+        return;
+    }
+    if (st->tries >= IDEM_WRITE_TRIES) {
+        log_error("idempotency key row %s: %s: %s; it is taken over after the lock period", st->row,
+                  st->release ? "not released" : "answer not stored",
                   err ? err : PQresultErrorMessage(res));
-    else if (!r->not_executed)
-        idem_redis_store(r, st->status, st->body);
-    api_send(r, st->status, st->body);
-    free(st->body);
-    free(st);
+        idem_store_free(st);
+        return;
+    }
+    if (st->tries == 1)
+        log_warn("idempotency key row %s: %s: %s; trying again", st->row,
+                 st->release ? "not released" : "answer not stored",
+                 err ? err : PQresultErrorMessage(res));
+    if (!st->timer)
+        st->timer = evtimer_new(st->api->ctx->base, idem_on_write_retry, st);
+    struct timeval tv = {IDEM_WRITE_RETRY_MS / 1000, (IDEM_WRITE_RETRY_MS % 1000) * 1000};
+    evtimer_add(st->timer, &tv);
+}
+
+static void
+idem_write(struct idem_store *st)
+{
+    char code[8];
+    st->tries++;
+    if (st->release) {
+        /* Nothing was done under this key: remove it; if a resource was
+         * made after all, unlock it so a retry answers with that. */
+        const char *params[1] = {st->row};
+        pgev_exec(st->api->pg,
+                  "WITH d AS (DELETE FROM idempotency_keys WHERE id = $1 AND resource_id IS NULL"
+                  "  RETURNING 1)"
+                  " UPDATE idempotency_keys SET locked_at = NULL WHERE id = $1"
+                  "  AND resource_id IS NOT NULL AND response_code IS NULL",
+                  1, params, idem_on_stored, st);
+        return;
+    }
+    snprintf(code, sizeof(code), "%d", st->status);
+    const char *params[3] = {st->row, code, st->body};
+    pgev_exec(st->api->pg,
+              "UPDATE idempotency_keys SET response_code = $2, response_body = $3,"
+              " locked_at = NULL, recovery_point = 'finished' WHERE id = $1",
+              3, params, idem_on_stored, st);
 }
 
 void
 idem_finish(struct api_req *r, int status, const char *body)
 {
-    struct idem_store *st = xmalloc(sizeof(*st));
-    char row[32], code[8];
+    struct idem_store *st = xcalloc(1, sizeof(*st));
     st->r = r;
+    st->api = r->api;
     st->status = status;
     st->body = xstrdup(body);
+    st->release = r->not_executed;
     r->idem_owner = false; /* v1_respond() goes straight to the client from now on */
-    snprintf(row, sizeof(row), "%lld", (long long)r->idem_row);
-    snprintf(code, sizeof(code), "%d", status);
-    if (r->not_executed) {
-        /* Nothing was done under this key: release it entirely. */
-        const char *params[1] = {row};
-        if (redisev_connected(r->api->redis)) {
-            const char *argv[2] = {"DEL", r->idem_redis_key};
-            redisev_command(r->api->redis, NULL, NULL, 2, argv);
-        }
-        pgev_exec(r->api->pg, "DELETE FROM idempotency_keys WHERE id = $1 AND resource_id IS NULL",
-                  1, params, idem_on_stored, st);
-        return;
+    snprintf(st->row, sizeof(st->row), "%lld", (long long)r->idem_row);
+    if (st->release && redisev_connected(r->api->redis)) {
+        const char *argv[2] = {"DEL", r->idem_redis_key};
+        redisev_command(r->api->redis, NULL, NULL, 2, argv);
     }
-    const char *params[3] = {row, code, body};
-    pgev_exec(r->api->pg,
-              "UPDATE idempotency_keys SET response_code = $2, response_body = $3,"
-              " locked_at = NULL, recovery_point = 'finished' WHERE id = $1",
-              3, params, idem_on_stored, st);
+    idem_write(st);
 }

@@ -135,9 +135,18 @@ intents_on_job_reply(void *arg, int err, nng_msg *reply)
             intents_respond_object(r, text);
             free(text);
         } else {
-            char msg[200] = "The payment could not be processed.";
+            /* The worker could not finish or record it (its database
+             * connection failed, say): the change this request made stands
+             * and the sweeps finish the payment, so answer with it as it
+             * stands, never with an error that the key would replay. */
+            char msg[200] = "no reason given";
             envelope_get_str(env.body, "error", msg, sizeof(msg));
-            v1_error(r, 500, "api_error", NULL, msg, NULL);
+            log_warn("%s %s: worker: %s; answering with the payment as it stands", r->route, r->id,
+                     msg);
+            if (r->pending_body)
+                intents_respond_object(r, r->pending_body);
+            else
+                v1_error(r, 500, "api_error", NULL, "The payment could not be processed.", NULL);
         }
     }
     envelope_free(&env);

@@ -7,6 +7,8 @@
  * subscribed to the event's type (outbox.c), so a delivery exists before
  * the event counts as handed over. This module claims due deliveries
  * (FOR UPDATE SKIP LOCKED, as a lease, so several dispatchers can run),
+ * one at a time per payment and endpoint, in event order (a delivery waits
+ * while an earlier event of the same payment is pending or failing there),
  * POSTs the event JSON through libcurl's multi interface on the role's loop,
  * and signs it the way the stock Stripe libraries verify:
  *     Payments-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, t "." body)>
@@ -187,6 +189,10 @@ deliver_kick(struct deliver *d)
     pgev_exec(d->pg,
               "WITH due AS (SELECT x.id FROM webhook_deliveries x"
               "  WHERE x.status IN ('pending', 'failed') AND x.next_attempt_at <= now()"
+              /* in order per payment: an earlier event of the same one goes first */
+              "  AND NOT EXISTS (SELECT 1 FROM webhook_deliveries y"
+              "   WHERE y.endpoint_id = x.endpoint_id AND y.aggregate_id = x.aggregate_id"
+              "   AND y.outbox_id < x.outbox_id AND y.status IN ('pending', 'failed'))"
               "  ORDER BY x.next_attempt_at, x.id LIMIT $1 FOR UPDATE SKIP LOCKED),"
               " gone AS (UPDATE webhook_deliveries x SET status = 'abandoned' FROM due,"
               "  webhook_endpoints w WHERE x.id = due.id AND w.id = x.endpoint_id"

@@ -46,7 +46,8 @@
 #include "role.h"
 #include "xmalloc.h"
 
-#define OUTBOX_BATCH "200"
+#define OUTBOX_BATCH     "200"
+#define OUTBOX_PUB_QUEUE 8192 /* messages per subscriber; NNG's maximum */
 
 struct outbox {
     struct role_ctx *ctx;
@@ -187,8 +188,8 @@ outbox_on_claimed(void *arg, PGresult *res, const char *err)
               "  available_at = now() + make_interval(secs => random() *"
               "   least(3600, 2 ^ least(attempts, 12)))"
               "  WHERE id = ANY($2::bigint[]) RETURNING 1),"
-              " d AS (INSERT INTO webhook_deliveries (endpoint_id, outbox_id)"
-              "  SELECT w.id, o.id FROM outbox o JOIN webhook_endpoints w"
+              " d AS (INSERT INTO webhook_deliveries (endpoint_id, outbox_id, aggregate_id)"
+              "  SELECT w.id, o.id, o.aggregate_id FROM outbox o JOIN webhook_endpoints w"
               "   ON w.account_id = o.account_id AND w.status = 'enabled' AND NOT w.deleted"
               "  WHERE o.id = ANY($1::bigint[]) AND o.aggregate_type <> 'order'"
               "  AND (o.type = ANY(w.enabled_events) OR '*' = ANY(w.enabled_events))"
@@ -357,7 +358,11 @@ outbox_main(struct role_ctx *ctx)
         return EXIT_ROLE_FAILURE;
     }
     role_events_url(cfg, url, sizeof(url));
-    if ((rv = nng_pub0_open(&o.pub)) != 0 || (rv = nng_listen(o.pub, url, NULL, 0)) != 0) {
+    /* PUB drops what a subscriber's queue cannot hold: the deepest queue
+     * NNG allows rides out bursts (a backlog published after an outage). */
+    if ((rv = nng_pub0_open(&o.pub)) != 0 ||
+        (rv = nng_socket_set_int(o.pub, NNG_OPT_SENDBUF, OUTBOX_PUB_QUEUE)) != 0 ||
+        (rv = nng_listen(o.pub, url, NULL, 0)) != 0) {
         log_error("cannot publish events at %s: %s", url, nng_strerror(rv));
         return EXIT_ROLE_FAILURE;
     }

@@ -371,6 +371,7 @@ ctl_subscribe(const char *run_dir, const char *config_path, const char *type, lo
         /* Find a restarted dispatcher quickly: it waits about a second for us. */
         nng_socket_set_ms(sock, NNG_OPT_RECONNMINT, 20);
         nng_socket_set_ms(sock, NNG_OPT_RECONNMAXT, 200);
+        nng_socket_set_int(sock, NNG_OPT_RECVBUF, 8192); /* SUB drops what overflows it */
     }
     if (rv != 0 ||
         (rv = nng_socket_set(sock, NNG_OPT_SUB_SUBSCRIBE, type ? type : "",
