@@ -18,6 +18,7 @@
  */
 #include <event2/buffer.h>
 #include <event2/http.h>
+#include <event2/keyvalq_struct.h>
 #include <jansson.h>
 #include <nng/nng.h>
 #include <nng/protocol/reqrep0/req.h>
@@ -263,6 +264,16 @@ api_route(struct evhttp_request *req, void *arg)
 
     if (!path)
         path = "/";
+    size_t header_bytes = 0;
+    struct evkeyval *h;
+    for (h = evhttp_request_get_input_headers(req)->tqh_first; h; h = h->next.tqe_next)
+        header_bytes += strlen(h->key) + strlen(h->value) + 4;
+    if (header_bytes > (size_t)api->ctx->cfg.max_header_bytes) {
+        metric_http(role_metrics(api->ctx), MR_OTHER, 431, (uint64_t)(http_now_us() - t0));
+        http_reply_error(req, 431, "invalid_request_error", "request_headers_too_large",
+                         "The request's headers are too large.", NULL);
+        return;
+    }
     if (strcmp(path, "/healthz") == 0 && (method == EVHTTP_REQ_GET || method == EVHTTP_REQ_HEAD)) {
         http_reply_json(req, 200, "{\"status\":\"ok\"}");
         metric_http(role_metrics(api->ctx), MR_HEALTHZ, 200, (uint64_t)(http_now_us() - t0));
@@ -375,12 +386,19 @@ api_main(struct role_ctx *ctx)
     api.pg = pgev_pool_new(ctx->base, cfg, cfg->db_pool_size);
     api.redis = redisev_new(ctx->base, cfg);
     api.auth = auth_cache_new();
+    api.ratelimit = ratelimit_new(&api);
     api.confirm_wait_ms = cfg->confirm_wait_ms;
     api.http = evhttp_new(ctx->base);
     evhttp_set_gencb(api.http, api_route, &api);
-    evhttp_set_max_headers_size(api.http, 16384);
-    evhttp_set_max_body_size(api.http, 1024 * 1024);
-    evhttp_set_timeout(api.http, 30);
+    /* Past MAX_HEADER_BYTES a request answers 431 (api_route); libevent's
+     * own bound, four times that, answers 413 without reading further. A
+     * body over MAX_BODY_BYTES answers 413; a request not read in full
+     * within REQUEST_TIMEOUT_MS is cut off. */
+    evhttp_set_max_headers_size(api.http, (ev_ssize_t)cfg->max_header_bytes * 4);
+    evhttp_set_max_body_size(api.http, (ev_ssize_t)cfg->max_body_bytes);
+    struct timeval request_tv = {(time_t)(cfg->request_timeout_ms / 1000),
+                                 (suseconds_t)((cfg->request_timeout_ms % 1000) * 1000)};
+    evhttp_set_timeout_tv(api.http, &request_tv);
     evhttp_set_allowed_methods(api.http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD |
                                              EVHTTP_REQ_DELETE);
     api.bound = evhttp_accept_socket_with_handle(api.http, fd);
@@ -401,5 +419,6 @@ api_main(struct role_ctx *ctx)
     redisev_free(api.redis);
     pgev_pool_free(api.pg);
     auth_cache_free(api.auth);
+    ratelimit_free(api.ratelimit);
     return 0;
 }

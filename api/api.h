@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "params.h"
+#include "ratelimit.h"
 #include "pgev.h"
 #include "redisev.h"
 #include "metrics.h"
@@ -29,7 +30,8 @@ struct api {
     int64_t confirm_wait_ms;
     int jobs_in_flight; /* gateway jobs sent to workers and not yet answered */
     struct saga *saga;  /* order intake, on api/0 when SAGA_ACCOUNT is set */
-    char owner[128];    /* boot_id/pid/start time: this process, as a claim's holder */
+    struct ratelimit *ratelimit;
+    char owner[128]; /* boot_id/pid/start time: this process, as a claim's holder */
 };
 
 /* A list request's page (lists.c). */
@@ -76,8 +78,9 @@ struct api_req {
     void *state;            /* a handler's parsed arguments between two callbacks */
     struct list_query list; /* list endpoints: the page asked for */
     bool responded;
-    int refs;      /* callbacks that may still arrive for this request */
-    bool job_slot; /* holds one of the api's MAX_PENDING_JOBS slots */
+    int refs;               /* callbacks that may still arrive for this request */
+    bool job_slot;          /* holds one of the api's MAX_PENDING_JOBS slots */
+    const char *auth_error; /* why authentication failed (a fixed message) */
 };
 
 /* api.c */
@@ -104,6 +107,11 @@ struct auth_cache *auth_cache_new(void);
 void auth_cache_free(struct auth_cache *c);
 typedef void (*auth_cb)(struct api_req *r, int64_t account_id);
 void auth_lookup(struct api_req *r, const char *key, auth_cb cb);
+/* The internal id of the account with this public id (from a verified JWT). */
+void auth_lookup_account(struct api_req *r, const char *public_id, auth_cb cb);
+
+/* callbacks.c */
+void callbacks_receive(struct api_req *r);
 
 /* idem.c */
 /* Sets api->owner, the holder tag of this process's idempotency claims. */

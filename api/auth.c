@@ -5,7 +5,9 @@
  * never stored: its SHA-256 is looked up in api_keys. Successful lookups
  * are kept in a small direct-mapped cache for AUTH_CACHE_TTL_MS, so a busy
  * account costs no database round trip per request; a revoked key is
- * refused within that time. Failed lookups are not cached. The callback
+ * refused within that time. Failed lookups are not cached.
+ * auth_lookup_account() maps the account named by a verified JWT the same
+ * way. The callback
  * gets the internal account id, or 0 when the key is unknown, and -1 when
  * the database could not answer. Calls pgev, crypto.
  */
@@ -77,12 +79,11 @@ auth_on_row(void *arg, PGresult *res, const char *err)
     cb(r, account);
 }
 
-void
-auth_lookup(struct api_req *r, const char *key, auth_cb cb)
+/* Answers from the cache, or starts the lookup for hash with sql. */
+static void
+auth_cached_lookup(struct api_req *r, const uint8_t hash[32], const char *sql, const char *param,
+                   auth_cb cb)
 {
-    uint8_t hash[32];
-    char hex[65];
-    crypto_sha256(key, strlen(key), hash);
     struct auth_slot *s = auth_slot(r->api->auth, hash);
     if (s->account_id > 0 && s->expires_mono > shm_mono_ms() &&
         crypto_equal(s->hash, hash, 32) == 0) {
@@ -93,10 +94,29 @@ auth_lookup(struct api_req *r, const char *key, auth_cb cb)
     p->r = r;
     p->cb = cb;
     memcpy(p->hash, hash, 32);
+    const char *params[1] = {param};
+    pgev_exec(r->api->pg, sql, 1, params, auth_on_row, p);
+}
+
+void
+auth_lookup(struct api_req *r, const char *key, auth_cb cb)
+{
+    uint8_t hash[32];
+    char hex[65];
+    crypto_sha256(key, strlen(key), hash);
     crypto_hex(hash, 32, hex);
-    const char *params[1] = {hex};
-    pgev_exec(r->api->pg,
-              "SELECT account_id FROM api_keys WHERE key_hash = decode($1, 'hex')"
-              " AND revoked_at IS NULL",
-              1, params, auth_on_row, p);
+    auth_cached_lookup(r, hash,
+                       "SELECT account_id FROM api_keys WHERE key_hash = decode($1, 'hex')"
+                       " AND revoked_at IS NULL",
+                       hex, cb);
+}
+
+void
+auth_lookup_account(struct api_req *r, const char *public_id, auth_cb cb)
+{
+    uint8_t hash[32];
+    char *tagged = xasprintf("account:%s", public_id); /* never equal to a key's hash */
+    crypto_sha256(tagged, strlen(tagged), hash);
+    free(tagged);
+    auth_cached_lookup(r, hash, "SELECT id FROM accounts WHERE public_id = $1", public_id, cb);
 }

@@ -19,8 +19,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "api.h"
+#include "authz.h"
 #include "httputil.h"
 #include "log.h"
 #include "xmalloc.h"
@@ -33,35 +35,39 @@ struct route {
     const char *name;
     api_handler handler;
     enum metric_route mroute;
+    bool unauthenticated; /* its own credential (a signature), no API key */
 };
 
 static const struct route v1_routes[] = {
     {EVHTTP_REQ_POST, "payment_intents", false, NULL, "payment_intents.create", intents_create,
-     MR_PI_CREATE},
+     MR_PI_CREATE, false},
     {EVHTTP_REQ_GET, "payment_intents", false, NULL, "payment_intents.list", intents_list,
-     MR_PI_LIST},
+     MR_PI_LIST, false},
     {EVHTTP_REQ_GET, "payment_intents", true, NULL, "payment_intents.retrieve", intents_retrieve,
-     MR_PI_RETRIEVE},
+     MR_PI_RETRIEVE, false},
     {EVHTTP_REQ_POST, "payment_intents", true, NULL, "payment_intents.update", intents_update,
-     MR_PI_UPDATE},
+     MR_PI_UPDATE, false},
     {EVHTTP_REQ_POST, "payment_intents", true, "confirm", "payment_intents.confirm",
-     intents_confirm, MR_PI_CONFIRM},
+     intents_confirm, MR_PI_CONFIRM, false},
     {EVHTTP_REQ_POST, "payment_intents", true, "capture", "payment_intents.capture",
-     intents_capture, MR_PI_CAPTURE},
+     intents_capture, MR_PI_CAPTURE, false},
     {EVHTTP_REQ_POST, "payment_intents", true, "cancel", "payment_intents.cancel", intents_cancel,
-     MR_PI_CANCEL},
+     MR_PI_CANCEL, false},
     {EVHTTP_REQ_POST, "webhook_endpoints", false, NULL, "webhook_endpoints.create", webhooks_create,
-     MR_OTHER},
+     MR_OTHER, false},
     {EVHTTP_REQ_GET, "webhook_endpoints", false, NULL, "webhook_endpoints.list", webhooks_list,
-     MR_OTHER},
+     MR_OTHER, false},
     {EVHTTP_REQ_GET, "webhook_endpoints", true, NULL, "webhook_endpoints.retrieve",
-     webhooks_retrieve, MR_OTHER},
+     webhooks_retrieve, MR_OTHER, false},
     {EVHTTP_REQ_POST, "webhook_endpoints", true, NULL, "webhook_endpoints.update", webhooks_update,
-     MR_OTHER},
+     MR_OTHER, false},
     {EVHTTP_REQ_DELETE, "webhook_endpoints", true, NULL, "webhook_endpoints.delete",
-     webhooks_delete, MR_OTHER},
-    {EVHTTP_REQ_GET, "events", false, NULL, "events.list", events_list, MR_EVENTS_LIST},
-    {EVHTTP_REQ_GET, "events", true, NULL, "events.retrieve", events_retrieve, MR_EVENTS_RETRIEVE},
+     webhooks_delete, MR_OTHER, false},
+    {EVHTTP_REQ_GET, "events", false, NULL, "events.list", events_list, MR_EVENTS_LIST, false},
+    {EVHTTP_REQ_GET, "events", true, NULL, "events.retrieve", events_retrieve, MR_EVENTS_RETRIEVE,
+     false},
+    {EVHTTP_REQ_POST, "gateway_webhooks", true, NULL, "gateway_webhooks.receive", callbacks_receive,
+     MR_OTHER, true},
 };
 
 void
@@ -139,41 +145,7 @@ v1_db_error(struct api_req *r, const char *err)
 
 /* ---- authentication ---- */
 
-/* Extracts the API key from "Bearer KEY" or "Basic base64(KEY:)". */
-static int
-v1_bearer(const char *header, char *out, size_t cap)
-{
-    if (!header)
-        return -1;
-    if (strncasecmp(header, "Bearer ", 7) == 0) {
-        const char *k = header + 7;
-        while (*k == ' ')
-            k++;
-        if (!*k || strlen(k) >= cap)
-            return -1;
-        strcpy(out, k);
-        return 0;
-    }
-    if (strncasecmp(header, "Basic ", 6) == 0) {
-        const char *b64 = header + 6;
-        size_t len = strlen(b64);
-        if (len == 0 || len > 1024 || len % 4)
-            return -1;
-        unsigned char buf[800];
-        int n = EVP_DecodeBlock(buf, (const unsigned char *)b64, (int)len);
-        if (n <= 0)
-            return -1;
-        buf[n] = '\0';
-        char *colon = strchr((char *)buf, ':');
-        if (colon)
-            *colon = '\0';
-        if (strlen((char *)buf) == 0 || strlen((char *)buf) >= cap)
-            return -1;
-        strcpy(out, (char *)buf);
-        return 0;
-    }
-    return -1;
-}
+static json_t *v1_parse_params(struct api_req *r, struct params_error *err);
 
 static void
 v1_after_idem_check(struct api_req *r)
@@ -185,6 +157,65 @@ v1_after_idem_check(struct api_req *r)
 }
 
 static void
+v1_too_many(struct api_req *r, int retry_after_s)
+{
+    char ra[16];
+    snprintf(ra, sizeof(ra), "%d", retry_after_s);
+    r->not_executed = true;
+    evhttp_add_header(evhttp_request_get_output_headers(r->req), "Retry-After", ra);
+    v1_error(r, 429, "invalid_request_error", "rate_limit",
+             "Too many requests hit the API too quickly. Retry after the time in Retry-After.",
+             NULL);
+}
+
+static void
+v1_on_auth_failure_counted(struct api_req *r, int retry_after_s)
+{
+    if (retry_after_s > 0) {
+        v1_too_many(r, retry_after_s);
+        return;
+    }
+    r->not_executed = true;
+    v1_error(r, 401, "invalid_request_error", "api_key_invalid", r->auth_error, NULL);
+}
+
+/* Every refused credential counts against the client IP before the 401. */
+static void
+v1_auth_failed(struct api_req *r, const char *why)
+{
+    r->auth_error = why;
+    ratelimit_auth_failed(r, v1_on_auth_failure_counted);
+}
+
+/* Authenticated and within its limits: parameters, idempotency, handler. */
+static void
+v1_on_limited(struct api_req *r, int retry_after_s)
+{
+    struct params_error perr;
+    if (retry_after_s > 0) {
+        v1_too_many(r, retry_after_s);
+        return;
+    }
+    r->params = v1_parse_params(r, &perr);
+    if (!r->params) {
+        v1_params_error(r, &perr);
+        return;
+    }
+    const char *idem =
+        evhttp_find_header(evhttp_request_get_input_headers(r->req), "Idempotency-Key");
+    if (idem && r->method == EVHTTP_REQ_POST) {
+        if (strlen(idem) == 0 || strlen(idem) > 255) {
+            v1_error(r, 400, "invalid_request_error", "idempotency_key_invalid",
+                     "Idempotency-Key must be 1 to 255 characters.", NULL);
+            return;
+        }
+        snprintf(r->idem_key, sizeof(r->idem_key), "%s", idem);
+        r->has_idem = true;
+    }
+    v1_after_idem_check(r);
+}
+
+static void
 v1_on_auth(struct api_req *r, int64_t account_id)
 {
     if (account_id < 0) {
@@ -192,12 +223,32 @@ v1_on_auth(struct api_req *r, int64_t account_id)
         return;
     }
     if (account_id == 0) {
-        v1_error(r, 401, "invalid_request_error", "api_key_invalid", "Invalid API Key provided.",
-                 NULL);
+        v1_auth_failed(r, "Invalid API Key provided.");
         return;
     }
     r->account_id = account_id;
-    v1_after_idem_check(r);
+    ratelimit_check(r, r->method == EVHTTP_REQ_GET ? RL_READ : RL_WRITE, v1_on_limited);
+}
+
+/* A Bearer JWT: verified here, then its account is looked up. */
+static void
+v1_jwt(struct api_req *r, const char *token)
+{
+    const struct config *cfg = &r->api->ctx->cfg;
+    char account[64];
+    const char *why;
+    if (!cfg->jwt_secret) {
+        v1_auth_failed(r, "JWT authentication is not enabled; use an API key.");
+        return;
+    }
+    struct authz_jwt_policy policy = {cfg->jwt_secret, cfg->jwt_issuer, cfg->jwt_audience,
+                                      cfg->jwt_account_claim};
+    if (authz_jwt_verify(token, &policy, time(NULL), account, sizeof(account), &why) < 0) {
+        log_info("%s: JWT refused: %s", r->route, why);
+        v1_auth_failed(r, "Invalid or expired JWT provided.");
+        return;
+    }
+    auth_lookup_account(r, account, v1_on_auth);
 }
 
 /* ---- parameters and routing ---- */
@@ -239,7 +290,7 @@ v1_route(struct api_req *r, const char *path)
             return NULL;
         memcpy(id, p, n);
         for (size_t i = 0; i < n; i++) {
-            if (!isalnum((unsigned char)id[i]) && id[i] != '_')
+            if (!isalnum((unsigned char)id[i]) && id[i] != '_' && id[i] != '-')
                 return NULL;
         }
         p += n;
@@ -271,8 +322,7 @@ void
 v1_dispatch(struct api *api, struct evhttp_request *req)
 {
     struct api_req *r = xcalloc(1, sizeof(*r));
-    struct params_error perr;
-    char key[256];
+    char key[4096];
     const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(req));
     struct evkeyvalq *hdrs = evhttp_request_get_input_headers(req);
 
@@ -299,27 +349,18 @@ v1_dispatch(struct api *api, struct evhttp_request *req)
     r->route = rt->name;
     r->mroute = rt->mroute;
     r->handler = rt->handler;
-    if (v1_bearer(evhttp_find_header(hdrs, "Authorization"), key, sizeof(key)) < 0) {
-        v1_error(r, 401, "invalid_request_error", NULL,
-                 "You did not provide an API key. Provide it in the Authorization header "
-                 "(Authorization: Bearer YOUR_SECRET_KEY).",
-                 NULL);
+    if (rt->unauthenticated) { /* gateway callbacks: their signature is their credential */
+        r->handler(r);
         return;
     }
-    r->params = v1_parse_params(r, &perr);
-    if (!r->params) {
-        v1_params_error(r, &perr);
+    enum authz_kind kind;
+    if (authz_parse(evhttp_find_header(hdrs, "Authorization"), key, sizeof(key), &kind) < 0) {
+        v1_auth_failed(r, "You did not provide an API key. Provide it in the Authorization header "
+                          "(Authorization: Bearer YOUR_SECRET_KEY).");
         return;
     }
-    const char *idem = evhttp_find_header(hdrs, "Idempotency-Key");
-    if (idem && r->method == EVHTTP_REQ_POST) {
-        if (strlen(idem) == 0 || strlen(idem) > 255) {
-            v1_error(r, 400, "invalid_request_error", "idempotency_key_invalid",
-                     "Idempotency-Key must be 1 to 255 characters.", NULL);
-            return;
-        }
-        snprintf(r->idem_key, sizeof(r->idem_key), "%s", idem);
-        r->has_idem = true;
-    }
-    auth_lookup(r, key, v1_on_auth);
+    if (kind == AUTHZ_JWT)
+        v1_jwt(r, key);
+    else
+        auth_lookup(r, key, v1_on_auth);
 }

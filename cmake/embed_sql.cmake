@@ -9,6 +9,7 @@ set(n 0)
 foreach(f ${files})
   get_filename_component(name ${f} NAME_WE)
   string(SUBSTRING ${name} 0 3 num)
+  string(REGEX REPLACE "^0+([0-9])" "\\1" num "${num}") # 010 must not read as octal in C
   file(READ ${f} hex HEX)
   string(REGEX REPLACE "([0-9a-f][0-9a-f])" "0x\\1," hex "${hex}")
   string(APPEND body "static const char sql_${n}[] = {${hex} 0};\n")

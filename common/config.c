@@ -130,6 +130,31 @@ static const struct config_desc config_keys[CFG__COUNT] = {
     [CFG_GATEWAY_PROVIDERS] = {"GATEWAY_PROVIDERS", T_STRING, "sim", 1, 255, 0,
                                OFF(gateway_providers), true, false},
     [CFG_GATEWAY_KEY] = {"GATEWAY_KEY", T_STRING, NULL, 1, 4096, 0, OFF(gateway_key), false, true},
+    [CFG_MAX_BODY_BYTES] = {"MAX_BODY_BYTES", T_INT, "1048576", 1024, 67108864, 0,
+                            OFF(max_body_bytes), false, false},
+    [CFG_MAX_HEADER_BYTES] = {"MAX_HEADER_BYTES", T_INT, "16384", 1024, 1048576, 0,
+                              OFF(max_header_bytes), false, false},
+    [CFG_REQUEST_TIMEOUT_MS] = {"REQUEST_TIMEOUT_MS", T_DURATION, "30000", 100, 600000, 1,
+                                OFF(request_timeout_ms), false, false},
+    [CFG_JWT_ISSUER] = {"JWT_ISSUER", T_STRING, NULL, 1, 255, 0, OFF(jwt_issuer), false, false},
+    [CFG_JWT_AUDIENCE] = {"JWT_AUDIENCE", T_STRING, NULL, 1, 255, 0, OFF(jwt_audience), false,
+                          false},
+    [CFG_JWT_ACCOUNT_CLAIM] = {"JWT_ACCOUNT_CLAIM", T_STRING, "sub", 1, 64, 0,
+                               OFF(jwt_account_claim), false, false},
+    [CFG_RATE_LIMIT_WRITES] = {"RATE_LIMIT_WRITES", T_INT, "100", 1, 100000000, 0,
+                               OFF(rate_limit_writes), false, false},
+    [CFG_RATE_LIMIT_READS] = {"RATE_LIMIT_READS", T_INT, "100", 1, 100000000, 0,
+                              OFF(rate_limit_reads), false, false},
+    [CFG_RATE_LIMIT_CALLBACKS] = {"RATE_LIMIT_CALLBACKS", T_INT, "100", 1, 100000000, 0,
+                                  OFF(rate_limit_callbacks), false, false},
+    [CFG_RATE_LIMIT_AUTH_FAILURES] = {"RATE_LIMIT_AUTH_FAILURES", T_INT, "10", 1, 100000000, 0,
+                                      OFF(rate_limit_auth_failures), false, false},
+    [CFG_GATEWAY_WEBHOOK_SECRET] = {"GATEWAY_WEBHOOK_SECRET", T_STRING, NULL, 16, 8192, 0,
+                                    OFF(gateway_webhook_secret), false, true},
+    [CFG_TLS_CERT_FILE] = {"TLS_CERT_FILE", T_PATH, NULL, 1, 1024, 0, OFF(tls_cert_file), false,
+                           false},
+    [CFG_TLS_KEY_FILE] = {"TLS_KEY_FILE", T_PATH, NULL, 1, 1024, 0, OFF(tls_key_file), false,
+                          false},
 };
 
 const char *
@@ -358,6 +383,27 @@ config_providers(struct config *cfg, char *err, size_t errlen)
                  n);
         return -1;
     }
+    if (cfg->gateway_webhook_secret &&
+        config_split(cfg->gateway_webhook_secret, offsetof(struct config_provider, webhook_secret),
+                     sizeof(pv->webhook_secret), pv) != n) {
+        snprintf(err, errlen,
+                 "GATEWAY_WEBHOOK_SECRET must list one secret per provider in GATEWAY_PROVIDERS "
+                 "(%d), comma-separated ('|' between a new and an old one while rotating)",
+                 n);
+        return -1;
+    }
+    for (int i = 0; cfg->gateway_webhook_secret && i < n; i++) {
+        /* Each secret at least 16 bytes: a short one can be guessed. */
+        for (const char *p = pv[i].webhook_secret; *p;) {
+            size_t len = strcspn(p, "|");
+            if (len < 16) {
+                snprintf(err, errlen,
+                         "GATEWAY_WEBHOOK_SECRET: every secret must be at least 16 characters");
+                return -1;
+            }
+            p += len + (p[len] == '|');
+        }
+    }
     cfg->n_providers = n;
     return 0;
 }
@@ -371,6 +417,10 @@ config_validate(struct config *cfg, char *err, size_t errlen)
     }
     if (cfg->port == cfg->metrics_port) {
         snprintf(err, errlen, "METRICS_PORT must differ from PORT");
+        return -1;
+    }
+    if ((cfg->tls_cert_file == NULL) != (cfg->tls_key_file == NULL)) {
+        snprintf(err, errlen, "TLS_CERT_FILE and TLS_KEY_FILE must be set together");
         return -1;
     }
     return config_providers(cfg, err, errlen);

@@ -61,6 +61,19 @@ enum config_key {
     CFG_BREAKER_WINDOW,
     CFG_GATEWAY_PROVIDERS,
     CFG_GATEWAY_KEY,
+    CFG_MAX_BODY_BYTES,
+    CFG_MAX_HEADER_BYTES,
+    CFG_REQUEST_TIMEOUT_MS,
+    CFG_JWT_ISSUER,
+    CFG_JWT_AUDIENCE,
+    CFG_JWT_ACCOUNT_CLAIM,
+    CFG_RATE_LIMIT_WRITES,
+    CFG_RATE_LIMIT_READS,
+    CFG_RATE_LIMIT_CALLBACKS,
+    CFG_RATE_LIMIT_AUTH_FAILURES,
+    CFG_GATEWAY_WEBHOOK_SECRET,
+    CFG_TLS_CERT_FILE,
+    CFG_TLS_KEY_FILE,
     CFG__COUNT
 };
 
@@ -70,7 +83,8 @@ enum config_key {
 struct config_provider {
     char name[32];
     char url[512];
-    char key[256]; /* empty: none sent */
+    char key[256];            /* empty: none sent */
+    char webhook_secret[512]; /* callbacks' signing secrets, '|'-separated; empty: refused */
 };
 
 struct config {
@@ -130,6 +144,19 @@ struct config {
     const char *gateway_key;
     int n_providers;
     struct config_provider providers[CONFIG_MAX_PROVIDERS];
+    int max_body_bytes;
+    int max_header_bytes;
+    int64_t request_timeout_ms;
+    const char *jwt_issuer;   /* NULL: not checked */
+    const char *jwt_audience; /* NULL: not checked */
+    const char *jwt_account_claim;
+    int rate_limit_writes;        /* per account per second */
+    int rate_limit_reads;         /* per account per second */
+    int rate_limit_callbacks;     /* per client IP per minute */
+    int rate_limit_auth_failures; /* per client IP per minute */
+    const char *gateway_webhook_secret;
+    const char *tls_cert_file;
+    const char *tls_key_file;
 };
 
 /* Loads the configuration: defaults, then the environment, then the file at

@@ -56,6 +56,7 @@ static const char *const payment_names[MP__COUNT] = {
 struct counter_desc {
     const char *name;
     const char *help;
+    const char *labels; /* NULL or "{...}"; entries of one family are adjacent */
 };
 
 static const struct counter_desc counter_catalog[MC__COUNT] = {
@@ -71,9 +72,11 @@ static const struct counter_desc counter_catalog[MC__COUNT] = {
                           "InventoryReserved messages accepted at the intake."},
     [MC_SAGA_REJECTED] = {"paymentd_saga_messages_rejected_total",
                           "Intake messages dropped as malformed."},
-    [MC_EVENTS_PUBLISHED_NNG] = {"paymentd_events_published_total", "Events published, by sink."},
+    [MC_EVENTS_PUBLISHED_NNG] = {"paymentd_events_published_total", "Events published, by sink.",
+                                 "{sink=\"nng\"}"},
     [MC_EVENTS_PUBLISH_FAILED_NNG] = {"paymentd_events_publish_failures_total",
-                                      "Events a sink did not accept (retried later), by sink."},
+                                      "Events a sink did not accept (retried later), by sink.",
+                                      "{sink=\"nng\"}"},
     [MC_WEBHOOK_ATTEMPTS] = {"paymentd_webhook_delivery_attempts_total",
                              "Webhook deliveries tried."},
     [MC_WEBHOOK_FAILURES] = {"paymentd_webhook_delivery_failures_total",
@@ -88,6 +91,22 @@ static const struct counter_desc counter_catalog[MC__COUNT] = {
     [MC_GATEWAY_FAILOVERS] = {"paymentd_gateway_failovers_total",
                               "Payments moved to the next gateway provider (the previous one "
                               "certainly did not take them)."},
+#define RATE_LIMITED "paymentd_rate_limited_total", "Requests answered 429, by route class."
+    [MC_RATE_LIMITED_WRITE] = {RATE_LIMITED, "{class=\"write\"}"},
+    [MC_RATE_LIMITED_READ] = {RATE_LIMITED, "{class=\"read\"}"},
+    [MC_RATE_LIMITED_CALLBACK] = {RATE_LIMITED, "{class=\"callback\"}"},
+    [MC_RATE_LIMITED_AUTH] = {RATE_LIMITED, "{class=\"auth_failures\"}"},
+#define RATE_LOCAL                                                                                 \
+    "paymentd_rate_limit_local_total",                                                             \
+        "Rate-limit decisions taken by the process alone because Redis was unavailable."
+    [MC_RATE_LIMIT_LOCAL] = {RATE_LOCAL, NULL},
+#define CALLBACKS "paymentd_gateway_callbacks_total", "Inbound gateway callbacks, by result."
+    [MC_CALLBACKS_APPLIED] = {CALLBACKS, "{result=\"applied\"}"},
+    [MC_CALLBACKS_DUPLICATE] = {CALLBACKS, "{result=\"duplicate\"}"},
+    [MC_CALLBACKS_IGNORED] = {CALLBACKS, "{result=\"ignored_final_state\"}"},
+    [MC_CALLBACKS_REJECTED] = {CALLBACKS, "{result=\"rejected\"}"},
+    [MC_AUTH_FAILURES] = {"paymentd_auth_failures_total",
+                          "Requests refused for a missing, unknown or invalid credential."},
 };
 
 void
@@ -308,11 +327,10 @@ metrics_render(const struct shm_segment *seg, const char *version, const char *c
                         commit);
     metrics_render_roles(seg, out);
     for (int c = 0; c < MC__COUNT; c++) {
-        const char *labels = c == MC_EVENTS_PUBLISHED_NNG || c == MC_EVENTS_PUBLISH_FAILED_NNG
-                                 ? "{sink=\"nng\"}"
-                                 : "";
-        metrics_header(out, counter_catalog[c].name, counter_catalog[c].help, "counter");
-        evbuffer_add_printf(out, "%s%s %" PRIu64 "\n", counter_catalog[c].name, labels,
+        const struct counter_desc *d = &counter_catalog[c];
+        if (c == 0 || strcmp(counter_catalog[c - 1].name, d->name) != 0)
+            metrics_header(out, d->name, d->help, "counter");
+        evbuffer_add_printf(out, "%s%s %" PRIu64 "\n", d->name, d->labels ? d->labels : "",
                             metrics_sum(seg, offsetof(struct shm_metrics, counters) +
                                                  (size_t)c * sizeof(uint64_t)));
     }

@@ -69,6 +69,10 @@ class Paymentd:
             "BIND_ADDRESS": "127.0.0.1",
             "METRICS_BIND_ADDRESS": "127.0.0.1",
             "SHUTDOWN_TIMEOUT": "10",
+            # Tests drive one account hard; the rate-limit tests set their own limits.
+            "RATE_LIMIT_WRITES": "1000000",
+            "RATE_LIMIT_READS": "1000000",
+            "RATE_LIMIT_AUTH_FAILURES": "1000000",
             # Daemons stopped by signals cannot run leak checks meaningfully.
             "ASAN_OPTIONS": "abort_on_error=1:detect_leaks=0",
         })
