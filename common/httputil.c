@@ -6,6 +6,8 @@
  * jansson (for escaping error text), xmalloc.
  */
 #include "httputil.h"
+#include "redact.h"
+#include "xmalloc.h"
 
 #include <event2/buffer.h>
 #include <event2/keyvalq_struct.h>
@@ -67,9 +69,17 @@ http_error_body(const char *type, const char *code, const char *message, const c
     json_object_set_new(err, "type", json_string(type));
     if (code)
         json_object_set_new(err, "code", json_string(code));
-    json_object_set_new(err, "message", json_string(message));
-    if (param && *param)
-        json_object_set_new(err, "param", json_string(param));
+    /* A message may quote what a client sent (an id, a parameter's name). */
+    char *safe = xstrdup(message);
+    redact(safe);
+    json_object_set_new(err, "message", json_string(safe));
+    free(safe);
+    if (param && *param) {
+        safe = xstrdup(param);
+        redact(safe);
+        json_object_set_new(err, "param", json_string(safe));
+        free(safe);
+    }
     json_t *root = json_pack("{s:o}", "error", err);
     char *text = json_dumps(root, JSON_COMPACT);
     json_decref(root);

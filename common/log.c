@@ -11,6 +11,7 @@
  * Calls only libc.
  */
 #include "log.h"
+#include "redact.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -123,6 +124,7 @@ log_vwrite(enum log_level level, const char *fmt, va_list ap)
     size_t n;
 
     vsnprintf(msg, sizeof(msg), fmt, ap);
+    redact(msg);
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
     n = (size_t)snprintf(line, sizeof(line),

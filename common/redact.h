@@ -1,0 +1,14 @@
+/* redact: masks card numbers and secrets in text bound for logs and errors; see redact.c. */
+#ifndef PAYMENTD_REDACT_H
+#define PAYMENTD_REDACT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+/* Masks, in place and keeping the length, every card number (13 to 19
+ * digits, optionally in groups split by single spaces or dashes, passing
+ * the Luhn check) and every secret-looking token (sk_/rk_ API keys,
+ * whsec_ signing secrets, JWTs) in s. Returns true when anything was masked. */
+bool redact(char *s);
+
+#endif
