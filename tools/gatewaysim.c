@@ -14,6 +14,10 @@
  *                  refuse_ms: refuse connections for that long}
  *   POST /_reset                               forget every charge
  * With --key, every /v1 call but the ledger needs "Authorization: Bearer KEY" (401 otherwise).
+ * With --callback-url and --callback-secret, a charge that needs the customer's action
+ * succeeds --callback-delay-ms later (500 by default) and a signed charge.succeeded
+ * callback (Gateway-Signature: t=...,v1=HMAC-SHA256(secret, t "." body)) is POSTed there,
+ * again every second until it gets a 2xx (10 tries).
  * Test payment methods use Stripe's names: pm_card_visa and other cards
  * succeed, pm_card_chargeDeclined and pm_card_insufficientFunds decline,
  * pm_card_authenticationRequired needs action. Fault injection (by flag or
@@ -32,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <time.h>
 
 #include "crypto.h"
 #include "ids.h"
@@ -51,6 +56,9 @@ struct sim {
     const char *bind;
     int port;
     struct event *refuse_timer;
+    const char *callback_url;    /* --callback-url: where asynchronous outcomes are sent */
+    const char *callback_secret; /* --callback-secret: signs them */
+    long callback_delay_ms;      /* --callback-delay-ms: when the customer "authenticates" */
     const char *key; /* --key: the Bearer token every /v1 call but the ledger must carry */
 };
 
@@ -159,6 +167,121 @@ sim_body(struct evhttp_request *req)
     return o;
 }
 
+/* ---- callbacks: outcomes that come after the answer ---- */
+
+struct callback {
+    char *charge_id;
+    char *body; /* set once the outcome is decided */
+    int tries;
+    struct event *timer;
+};
+
+static void sim_callback_send(struct callback *cb);
+
+static void
+sim_callback_free(struct callback *cb)
+{
+    event_free(cb->timer);
+    free(cb->charge_id);
+    free(cb->body);
+    free(cb);
+}
+
+static void
+sim_callback_retry(struct callback *cb)
+{
+    if (++cb->tries >= 10) {
+        fprintf(stderr, "gatewaysim: callback for %s given up\n", cb->charge_id);
+        sim_callback_free(cb);
+        return;
+    }
+    struct timeval tv = {1, 0};
+    evtimer_add(cb->timer, &tv);
+}
+
+static void
+sim_on_callback_answer(struct evhttp_request *req, void *arg)
+{
+    struct callback *cb = arg;
+    int code = req ? evhttp_request_get_response_code(req) : 0;
+    if (code >= 200 && code < 300)
+        sim_callback_free(cb);
+    else
+        sim_callback_retry(cb);
+}
+
+static void
+sim_callback_send(struct callback *cb)
+{
+    struct evhttp_uri *uri = evhttp_uri_parse(sim.callback_url);
+    if (!uri || !evhttp_uri_get_host(uri)) {
+        fprintf(stderr, "gatewaysim: bad --callback-url\n");
+        evhttp_uri_free(uri);
+        sim_callback_free(cb);
+        return;
+    }
+    int port = evhttp_uri_get_port(uri) > 0 ? evhttp_uri_get_port(uri) : 80;
+    struct evhttp_connection *conn =
+        evhttp_connection_base_new(sim.base, NULL, evhttp_uri_get_host(uri), (uint16_t)port);
+    struct evhttp_request *req = evhttp_request_new(sim_on_callback_answer, cb);
+    char t[24], payload_sig[65], header[200];
+    snprintf(t, sizeof(t), "%lld", (long long)time(NULL));
+    char *payload = xasprintf("%s.%s", t, cb->body);
+    crypto_hmac_sha256_hex(sim.callback_secret, strlen(sim.callback_secret), payload,
+                           strlen(payload), payload_sig);
+    free(payload);
+    snprintf(header, sizeof(header), "t=%s,v1=%s", t, payload_sig);
+    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
+    evhttp_add_header(h, "Host", evhttp_uri_get_host(uri));
+    evhttp_add_header(h, "Content-Type", "application/json");
+    evhttp_add_header(h, "Gateway-Signature", header);
+    evbuffer_add(evhttp_request_get_output_buffer(req), cb->body, strlen(cb->body));
+    const char *path = evhttp_uri_get_path(uri);
+    evhttp_make_request(conn, req, EVHTTP_REQ_POST, path && *path ? path : "/");
+    evhttp_connection_free_on_completion(conn);
+    evhttp_uri_free(uri);
+}
+
+/* The customer finished authenticating: the charge succeeds, and the
+ * gateway says so with a signed callback. */
+static void
+sim_on_callback_timer(evutil_socket_t fd, short what, void *arg)
+{
+    struct callback *cb = arg;
+    (void)fd;
+    (void)what;
+    if (!cb->body) {
+        json_t *ch = json_object_get(sim.charges, cb->charge_id);
+        if (!ch) {
+            sim_callback_free(cb);
+            return;
+        }
+        json_int_t amt = json_integer_value(json_object_get(ch, "amount"));
+        json_object_set_new(ch, "status", json_string("succeeded"));
+        json_object_set_new(ch, "captured", json_true());
+        json_object_set_new(ch, "amount_captured", json_integer(amt));
+        char id[64];
+        ids_random(id, sizeof(id), "gwevt_", 12);
+        json_t *ev = json_pack("{s:s,s:s,s:I,s:{s:O}}", "id", id, "type", "charge.succeeded",
+                               "created", (json_int_t)time(NULL), "data", "object", ch);
+        cb->body = json_dumps(ev, JSON_COMPACT);
+        json_decref(ev);
+    }
+    sim_callback_send(cb);
+}
+
+static void
+sim_callback_schedule(const char *charge_id)
+{
+    if (!sim.callback_url || !sim.callback_secret)
+        return;
+    struct callback *cb = xcalloc(1, sizeof(*cb));
+    cb->charge_id = xstrdup(charge_id);
+    cb->timer = evtimer_new(sim.base, sim_on_callback_timer, cb);
+    struct timeval tv = {sim.callback_delay_ms / 1000, (sim.callback_delay_ms % 1000) * 1000};
+    evtimer_add(cb->timer, &tv);
+}
+
 /* ---- operations ---- */
 
 static json_t *
@@ -197,6 +320,8 @@ sim_new_charge(json_t *body, const char *key, int *code)
     } else if (strcmp(pm, "pm_card_authenticationRequired") == 0 ||
                strcmp(pm, "pm_card_threeDSecureRequired") == 0) {
         status = "requires_action";
+        if (capture)
+            sim_callback_schedule(id);
     } else if (capture) {
         json_object_set_new(ch, "amount_captured", json_integer(amt));
         json_object_set_new(ch, "captured", json_true());
@@ -508,11 +633,15 @@ main(int argc, char **argv)
                                          {"reset-rate", required_argument, NULL, 'r'},
                                          {"timeout-rate", required_argument, NULL, 't'},
                                          {"key", required_argument, NULL, 'k'},
+                                         {"callback-url", required_argument, NULL, 'U'},
+                                         {"callback-secret", required_argument, NULL, 'S'},
+                                         {"callback-delay-ms", required_argument, NULL, 'D'},
                                          {NULL, 0, NULL, 0}};
     int port = 12111, opt;
+    sim.callback_delay_ms = 500;
     const char *bind = "127.0.0.1";
     char err[256];
-    while ((opt = getopt_long(argc, argv, "p:b:l:f:r:t:k:", opts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "p:b:l:f:r:t:k:U:S:D:", opts, NULL)) != -1) {
         switch (opt) {
         case 'p':
             port = atoi(optarg);
@@ -535,10 +664,20 @@ main(int argc, char **argv)
         case 'k':
             sim.key = optarg;
             break;
+        case 'U':
+            sim.callback_url = optarg;
+            break;
+        case 'S':
+            sim.callback_secret = optarg;
+            break;
+        case 'D':
+            sim.callback_delay_ms = atol(optarg);
+            break;
         default:
-            fprintf(stderr,
-                    "usage: gatewaysim [--port N] [--bind ADDR] [--latency-ms N] "
-                    "[--fail-rate PCT] [--reset-rate PCT] [--timeout-rate PCT] [--key KEY]\n");
+            fprintf(stderr, "usage: gatewaysim [--port N] [--bind ADDR] [--latency-ms N] "
+                            "[--fail-rate PCT] [--reset-rate PCT] [--timeout-rate PCT] [--key KEY] "
+                            "[--callback-url URL "
+                            "--callback-secret S [--callback-delay-ms N]]\n");
             return 2;
         }
     }
