@@ -17,11 +17,14 @@
  * process exits 0. Calls common/ only.
  */
 #include <event2/buffer.h>
+#include <event2/bufferevent_ssl.h>
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
 #include <jansson.h>
 #include <nng/nng.h>
 #include <nng/protocol/reqrep0/req.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -365,6 +368,55 @@ api_dial_workers(struct api *api)
     return 0;
 }
 
+/* ---- TLS ---- */
+
+/* Each accepted connection gets an OpenSSL bufferevent (libevent sets its
+ * socket); without TLS_CERT_FILE the api speaks plain HTTP, as behind a
+ * proxy that terminates TLS. */
+static struct bufferevent *
+api_tls_bev(struct event_base *base, void *arg)
+{
+    SSL *ssl = SSL_new(arg);
+    if (!ssl)
+        return NULL;
+    struct bufferevent *bev = bufferevent_openssl_socket_new(
+        base, -1, ssl, BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+    if (bev)
+        bufferevent_openssl_set_allow_dirty_shutdown(bev, 1);
+    return bev;
+}
+
+/* TLS 1.2 or newer with the configured certificate chain and key; NULL
+ * (with the reason in err) when they cannot be used. */
+static SSL_CTX *
+api_tls_context(const struct config *cfg, char *err, size_t errlen)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    if (!ctx || SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1) {
+        snprintf(err, errlen, "cannot set up TLS");
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
+    SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION |
+                                 SSL_OP_CIPHER_SERVER_PREFERENCE);
+    if (SSL_CTX_use_certificate_chain_file(ctx, cfg->tls_cert_file) != 1) {
+        snprintf(err, errlen, "TLS_CERT_FILE %s: not a readable PEM certificate chain",
+                 cfg->tls_cert_file);
+        goto fail;
+    }
+    if (SSL_CTX_use_PrivateKey_file(ctx, cfg->tls_key_file, SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_check_private_key(ctx) != 1) {
+        snprintf(err, errlen, "TLS_KEY_FILE %s: not a readable PEM key matching TLS_CERT_FILE",
+                 cfg->tls_key_file);
+        goto fail;
+    }
+    return ctx;
+fail:
+    ERR_clear_error();
+    SSL_CTX_free(ctx);
+    return NULL;
+}
+
 int
 api_main(struct role_ctx *ctx)
 {
@@ -376,6 +428,11 @@ api_main(struct role_ctx *ctx)
 
     ctx->role_data = &api;
     ctx->on_stop = api_on_stop;
+    SSL_CTX *tls = NULL;
+    if (cfg->tls_cert_file && !(tls = api_tls_context(cfg, err, sizeof(err)))) {
+        log_error("%s", err);
+        return EXIT_ROLE_CONFIG;
+    }
     fd = net_listen(cfg->bind_address, cfg->port, true, err, sizeof(err));
     if (fd < 0) {
         log_error("cannot listen: %s", err);
@@ -390,6 +447,8 @@ api_main(struct role_ctx *ctx)
     api.confirm_wait_ms = cfg->confirm_wait_ms;
     api.http = evhttp_new(ctx->base);
     evhttp_set_gencb(api.http, api_route, &api);
+    if (tls)
+        evhttp_set_bevcb(api.http, api_tls_bev, tls);
     /* Past MAX_HEADER_BYTES a request answers 431 (api_route); libevent's
      * own bound, four times that, answers 413 without reading further. A
      * body over MAX_BODY_BYTES answers 413; a request not read in full
@@ -406,7 +465,7 @@ api_main(struct role_ctx *ctx)
         log_error("cannot accept on port %d", cfg->port);
         return EXIT_ROLE_FAILURE;
     }
-    log_info("listening on %s:%d", cfg->bind_address, cfg->port);
+    log_info("listening on %s:%d (%s)", cfg->bind_address, cfg->port, tls ? "HTTPS" : "HTTP");
     saga_start(&api);
     role_ready(ctx);
     event_base_dispatch(ctx->base);
@@ -420,5 +479,6 @@ api_main(struct role_ctx *ctx)
     pgev_pool_free(api.pg);
     auth_cache_free(api.auth);
     ratelimit_free(api.ratelimit);
+    SSL_CTX_free(tls);
     return 0;
 }

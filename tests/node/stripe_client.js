@@ -7,7 +7,7 @@ const Stripe = require('stripe');
 const stripe = new Stripe(process.env.PAYMENTD_KEY, {
   host: '127.0.0.1',
   port: Number(process.env.PAYMENTD_PORT),
-  protocol: 'http',
+  protocol: process.env.PAYMENTD_PROTOCOL || 'http',
   maxNetworkRetries: 1,
   telemetry: false,
 });
