@@ -102,6 +102,16 @@ params_split_key(const char *key, char segs[PARAMS_MAX_DEPTH + 1][128], int *nse
     return 0;
 }
 
+/* jansson keeps only UTF-8 text: anything else would be dropped (a value)
+ * or refused (a key, freeing what was to be stored under it). */
+static bool
+params_utf8(const char *s)
+{
+    json_t *probe = json_string(s);
+    json_decref(probe);
+    return probe != NULL;
+}
+
 static bool
 params_is_index(const char *s)
 {
@@ -185,11 +195,11 @@ params_parse_form(const char *data, size_t len, struct params_error *err)
             const char *kend = eq ? eq : stop;
             char *key = params_decode(p, (size_t)(kend - p));
             char *val = eq ? params_decode(eq + 1, (size_t)(stop - eq - 1)) : xstrdup("");
-            if (!key || !val || !key[0]) {
+            if (!key || !val || !key[0] || !params_utf8(key) || !params_utf8(val)) {
                 free(key);
                 free(val);
                 params_fail(err, 400, "parameter_invalid", NULL,
-                            "The request body is not valid form encoding.");
+                            "The request body is not valid form encoding (UTF-8 text).");
                 goto fail;
             }
             if (++count > PARAMS_MAX_COUNT || strlen(val) > PARAMS_MAX_VALUE) {
