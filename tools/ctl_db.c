@@ -166,3 +166,32 @@ ctl_create_key(const struct config *cfg, const char *account)
     PQfinish(pg);
     return rc;
 }
+
+int
+ctl_revoke_key(const struct config *cfg, const char *key)
+{
+    char hex[65];
+    uint8_t hash[32];
+    PGconn *pg = ctl_connect(cfg);
+    if (!pg)
+        return 1;
+    crypto_sha256(key, strlen(key), hash);
+    crypto_hex(hash, 32, hex);
+    const char *params[1] = {hex};
+    PGresult *r = PQexecParams(pg,
+                               "UPDATE api_keys SET revoked_at = now()"
+                               " WHERE key_hash = decode($1, 'hex') AND revoked_at IS NULL",
+                               1, NULL, params, NULL, NULL, 0);
+    int rc = 1;
+    if (PQresultStatus(r) != PGRES_COMMAND_OK)
+        fprintf(stderr, "paymentctl: %s", PQerrorMessage(pg));
+    else if (strcmp(PQcmdTuples(r), "1") != 0)
+        fprintf(stderr, "paymentctl: no such active key\n"); /* never echo the key */
+    else {
+        printf("revoked; api processes refuse it within 60 s (their key cache)\n");
+        rc = 0;
+    }
+    PQclear(r);
+    PQfinish(pg);
+    return rc;
+}

@@ -47,7 +47,8 @@ usage(FILE *out)
                  "                          sent after that event\n"
                  "  migrate                 apply the database migrations that are missing\n"
                  "  create-account NAME     create an account and print its id\n"
-                 "  create-key ACCOUNT      create a secret API key and print it (once)\n");
+                 "  create-key ACCOUNT      create a secret API key and print it (once)\n"
+                 "  revoke-key KEY          revoke a secret API key\n");
 }
 
 static const char *
@@ -502,7 +503,7 @@ main(int argc, char **argv)
         return ctl_subscribe(run_dir, config_path, type, count, after);
     }
     if (strcmp(cmd, "migrate") == 0 || strcmp(cmd, "create-account") == 0 ||
-        strcmp(cmd, "create-key") == 0) {
+        strcmp(cmd, "create-key") == 0 || strcmp(cmd, "revoke-key") == 0) {
         struct config cfg;
         char err[512];
         int rc;
@@ -518,6 +519,8 @@ main(int argc, char **argv)
             rc = ctl_migrate(&cfg);
         else if (strcmp(cmd, "create-account") == 0)
             rc = ctl_create_account(&cfg, arg);
+        else if (strcmp(cmd, "revoke-key") == 0)
+            rc = ctl_revoke_key(&cfg, arg);
         else
             rc = ctl_create_key(&cfg, arg);
         config_free(&cfg);

@@ -103,6 +103,26 @@ class JwtTest(unittest.TestCase):
         self.assertNotIn("too-short-secret", r.stderr + r.stdout)
 
 
+class KeyRevocationTest(unittest.TestCase):
+    def test_revoked_key_is_refused(self):
+        gw = Gateway()
+        self.addCleanup(gw.stop)
+        pd = Paymentd(GATEWAY_URL=gw.url)
+        self.addCleanup(pd.cleanup)
+        pd.start()
+        account, _, key = new_account("revoke")
+        ctl = lambda *a: subprocess.run([os.path.join(BIN, "paymentctl")] + list(a), capture_output=True,
+                                        text=True, env=pd.env)
+        new_key = ctl("create-key", account).stdout.strip()
+        self.assertEqual(Client(pd.port, new_key).call("GET", "/v1/payment_intents")[0], 200)
+        r = ctl("revoke-key", key)  # the old key, never used here, so not in any cache
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertNotIn(key, r.stdout + r.stderr)
+        self.assertEqual(Client(pd.port, key).call("GET", "/v1/payment_intents")[0], 401)
+        self.assertEqual(Client(pd.port, new_key).call("GET", "/v1/payment_intents")[0], 200)
+        self.assertEqual(ctl("revoke-key", key).returncode, 1)  # already revoked
+
+
 class RateLimitTest(unittest.TestCase):
     def setUp(self):
         redis_cli("DEL", "rl:af:127.0.0.1")
