@@ -61,6 +61,7 @@ log_set_field(char *dst, size_t cap, const char *value)
         return;
     }
     snprintf(dst, cap, "%s", value);
+    redact(dst);
 }
 
 void

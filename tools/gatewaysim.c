@@ -17,7 +17,8 @@
  * With --callback-url and --callback-secret, a charge that needs the customer's action
  * succeeds --callback-delay-ms later (500 by default) and a signed charge.succeeded
  * callback (Gateway-Signature: t=...,v1=HMAC-SHA256(secret, t "." body)) is POSTed there,
- * again every second until it gets a 2xx (10 tries).
+ * again every second until it gets a 2xx (10 tries). With --async-capture as well, a capture
+ * answers "pending" and settles the same way later (a charge.captured callback).
  * Test payment methods use Stripe's names: pm_card_visa and other cards
  * succeed, pm_card_chargeDeclined and pm_card_insufficientFunds decline,
  * pm_card_authenticationRequired needs action. Fault injection (by flag or
@@ -59,6 +60,7 @@ struct sim {
     const char *callback_url;    /* --callback-url: where asynchronous outcomes are sent */
     const char *callback_secret; /* --callback-secret: signs them */
     long callback_delay_ms;      /* --callback-delay-ms: when the customer "authenticates" */
+    bool async_capture;          /* --async-capture: captures settle later, by callback */
     const char *key; /* --key: the Bearer token every /v1 call but the ledger must carry */
 };
 
@@ -171,7 +173,8 @@ sim_body(struct evhttp_request *req)
 
 struct callback {
     char *charge_id;
-    char *body; /* set once the outcome is decided */
+    const char *type; /* charge.succeeded (authenticated) or charge.captured (settled) */
+    char *body;       /* set once the outcome is decided */
     int tries;
     struct event *timer;
 };
@@ -257,13 +260,15 @@ sim_on_callback_timer(evutil_socket_t fd, short what, void *arg)
             return;
         }
         json_int_t amt = json_integer_value(json_object_get(ch, "amount"));
+        if (json_is_integer(json_object_get(ch, "amount_to_capture")))
+            amt = json_integer_value(json_object_get(ch, "amount_to_capture"));
         json_object_set_new(ch, "status", json_string("succeeded"));
         json_object_set_new(ch, "captured", json_true());
         json_object_set_new(ch, "amount_captured", json_integer(amt));
         char id[64];
         ids_random(id, sizeof(id), "gwevt_", 12);
-        json_t *ev = json_pack("{s:s,s:s,s:I,s:{s:O}}", "id", id, "type", "charge.succeeded",
-                               "created", (json_int_t)time(NULL), "data", "object", ch);
+        json_t *ev = json_pack("{s:s,s:s,s:I,s:{s:O}}", "id", id, "type", cb->type, "created",
+                               (json_int_t)time(NULL), "data", "object", ch);
         cb->body = json_dumps(ev, JSON_COMPACT);
         json_decref(ev);
     }
@@ -271,12 +276,13 @@ sim_on_callback_timer(evutil_socket_t fd, short what, void *arg)
 }
 
 static void
-sim_callback_schedule(const char *charge_id)
+sim_callback_schedule(const char *charge_id, const char *type)
 {
     if (!sim.callback_url || !sim.callback_secret)
         return;
     struct callback *cb = xcalloc(1, sizeof(*cb));
     cb->charge_id = xstrdup(charge_id);
+    cb->type = type;
     cb->timer = evtimer_new(sim.base, sim_on_callback_timer, cb);
     struct timeval tv = {sim.callback_delay_ms / 1000, (sim.callback_delay_ms % 1000) * 1000};
     evtimer_add(cb->timer, &tv);
@@ -321,7 +327,7 @@ sim_new_charge(json_t *body, const char *key, int *code)
                strcmp(pm, "pm_card_threeDSecureRequired") == 0) {
         status = "requires_action";
         if (capture)
-            sim_callback_schedule(id);
+            sim_callback_schedule(id, "charge.succeeded");
     } else if (capture) {
         json_object_set_new(ch, "amount_captured", json_integer(amt));
         json_object_set_new(ch, "captured", json_true());
@@ -345,6 +351,15 @@ sim_capture(json_t *ch, json_t *body, int *code)
     if (strcmp(status, "requires_capture") != 0 || cap <= 0 || cap > amt) {
         *code = 400;
         return json_pack("{s:{s:s}}", "error", "message", "charge cannot be captured");
+    }
+    if (sim.async_capture && sim.callback_url && sim.callback_secret) {
+        /* Accepted now, settled later: the answer says pending and a
+         * charge.captured callback follows. */
+        json_object_set_new(ch, "status", json_string("pending"));
+        json_object_set_new(ch, "amount_to_capture", json_integer(cap));
+        sim_callback_schedule(json_string_value(json_object_get(ch, "id")), "charge.captured");
+        *code = 200;
+        return json_incref(ch);
     }
     json_object_set_new(ch, "status", json_string("succeeded"));
     json_object_set_new(ch, "captured", json_true());
@@ -636,12 +651,13 @@ main(int argc, char **argv)
                                          {"callback-url", required_argument, NULL, 'U'},
                                          {"callback-secret", required_argument, NULL, 'S'},
                                          {"callback-delay-ms", required_argument, NULL, 'D'},
+                                         {"async-capture", no_argument, NULL, 'A'},
                                          {NULL, 0, NULL, 0}};
     int port = 12111, opt;
     sim.callback_delay_ms = 500;
     const char *bind = "127.0.0.1";
     char err[256];
-    while ((opt = getopt_long(argc, argv, "p:b:l:f:r:t:k:U:S:D:", opts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "p:b:l:f:r:t:k:U:S:D:A", opts, NULL)) != -1) {
         switch (opt) {
         case 'p':
             port = atoi(optarg);
@@ -673,11 +689,14 @@ main(int argc, char **argv)
         case 'D':
             sim.callback_delay_ms = atol(optarg);
             break;
+        case 'A':
+            sim.async_capture = true;
+            break;
         default:
             fprintf(stderr, "usage: gatewaysim [--port N] [--bind ADDR] [--latency-ms N] "
                             "[--fail-rate PCT] [--reset-rate PCT] [--timeout-rate PCT] [--key KEY] "
                             "[--callback-url URL "
-                            "--callback-secret S [--callback-delay-ms N]]\n");
+                            "--callback-secret S [--callback-delay-ms N] [--async-capture]]\n");
             return 2;
         }
     }

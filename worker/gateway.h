@@ -16,6 +16,7 @@ enum gw_outcome {
     GW_NOT_PROCESSED, /* certainly not received: connection refused, 503 before processing, 429 */
     GW_AMBIGUOUS,     /* maybe received: timeout or reset after sending */
     GW_REJECTED,      /* another 4xx: the request itself was wrong */
+    GW_PENDING,       /* accepted; the outcome comes later by callback */
 };
 
 enum gw_op { GW_CHARGE, GW_CAPTURE, GW_CANCEL, GW_RETRIEVE, GW_REFUND };

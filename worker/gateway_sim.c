@@ -36,7 +36,7 @@ gateway_outcome_name(enum gw_outcome o)
 {
     static const char *const names[] = {"succeeded", "requires_capture", "requires_action",
                                         "declined",  "canceled",         "not_processed",
-                                        "ambiguous", "rejected"};
+                                        "ambiguous", "rejected",         "pending"};
     return (unsigned)o < sizeof(names) / sizeof(names[0]) ? names[o] : "unknown";
 }
 
@@ -104,6 +104,8 @@ sim_on_response(void *arg, const struct curlev_response *resp)
         res.outcome = GW_REQUIRES_ACTION;
     else if (strcmp(status, "canceled") == 0)
         res.outcome = GW_CANCELED;
+    else if (strcmp(status, "pending") == 0)
+        res.outcome = GW_PENDING;
     else if (strcmp(status, "failed") == 0) {
         res.outcome = GW_DECLINED;
         sim_copy(res.code, sizeof(res.code), body, "failure_code");

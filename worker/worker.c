@@ -334,6 +334,13 @@ job_finish(struct job *j, const struct gw_result *r)
         o.failure_message = r->message;
         o.event = "payment_intent.payment_failed";
         break;
+    case GW_PENDING:
+        /* Taken, settled later: the gateway's callback records the outcome
+         * (callbacks.c); asking again with the same key is harmless. */
+        log_info("payment %s: %s accepted by %s, settles by callback", j->public_id, j->op,
+                 j->w->gw[j->prov]->name);
+        job_reply_current(j);
+        return;
     default:
     unresolved:
         log_error("payment %s: %s %s (%s); left for recovery", j->public_id, j->op,

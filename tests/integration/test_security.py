@@ -181,7 +181,7 @@ class CallbackTest(unittest.TestCase):
     def setUpClass(cls):
         cls.port = free_port()
         cls.gw = Gateway("--callback-url", "http://127.0.0.1:%d/v1/gateway_webhooks/sim" % cls.port,
-                         "--callback-secret", CALLBACK_SECRET, "--callback-delay-ms", "300")
+                         "--callback-secret", CALLBACK_SECRET, "--callback-delay-ms", "300", "--async-capture")
         cls.pd = Paymentd(GATEWAY_URL=cls.gw.url, GATEWAY_WEBHOOK_SECRET="old-secret-0123456789|" + CALLBACK_SECRET)
         cls.pd.port = cls.port
         cls.pd.env["PORT"] = str(cls.port)
@@ -267,6 +267,22 @@ class CallbackTest(unittest.TestCase):
         got = self.c.get("/v1/payment_intents/" + pi["id"])[1]
         self.assertEqual(got["amount_received"], 2468)
         self.assertEqual(self.events(pi)[-1], "payment_intent.succeeded")
+
+
+    def test_capture_settles_later(self):
+        code, pi = self.c.post("/v1/payment_intents", {"amount": 3000, "currency": "usd",
+                                                       "payment_method": "pm_card_visa", "confirm": "true",
+                                                       "capture_method": "manual"})
+        self.assertEqual((code, pi["status"]), (200, "requires_capture"), pi)
+        code, got = self.c.post("/v1/payment_intents/%s/capture" % pi["id"], {"amount_to_capture": 2500})
+        self.assertEqual((code, got["status"]), (200, "requires_capture"), got)  # accepted, not settled
+        wait_for(lambda: self.state(pi) == "succeeded", 15, interval=0.2, what="capture settled by callback")
+        got = self.c.get("/v1/payment_intents/" + pi["id"])[1]
+        self.assertEqual(got["amount_received"], 2500)
+        self.assertEqual(self.events(pi)[-1], "payment_intent.succeeded")
+        self.assertEqual(sql("SELECT t.type, t.status, t.amount FROM payment_transactions t JOIN payment_intents p"
+                             " ON p.id = t.payment_intent_id WHERE p.public_id = '%s' ORDER BY t.id DESC LIMIT 1"
+                             % pi["id"]), [["capture", "succeeded", "2500"]])
 
 
 class LimitsTest(unittest.TestCase):
