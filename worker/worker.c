@@ -58,6 +58,11 @@ struct job {
     char charge_id[64];
     char provider[32]; /* the provider this payment is pinned to; empty: the first */
     int prov;          /* its index in w->gw */
+    /* Per provider, with several: this job sent to it; an answer from it was
+     * not certain; another attempt with this key may have reached it. */
+    bool sent[CONFIG_MAX_PROVIDERS], unsure[CONFIG_MAX_PROVIDERS];
+    bool tried_before[CONFIG_MAX_PROVIDERS];
+    char why[256]; /* why the current provider is being left */
     char idem_key[128];
     int attempt;
     int64_t gateway_started_us;
@@ -402,9 +407,17 @@ job_on_pinned(void *arg, PGresult *res, const char *err)
         return;
     }
     if (PQntuples(res) == 0) {
-        job_reply_current(j); /* another attempt moved it first */
+        /* Another attempt moved it first, or may have reached the provider:
+         * it stays, and recovery asks that provider again. */
+        log_warn("payment %s: not moved from %s (another attempt may have reached it); left for "
+                 "recovery",
+                 j->public_id, j->w->gw[j->prov]->name);
+        job_reply_current(j);
         return;
     }
+    log_warn("payment %s: %s did not take it (%s); failing over to %s", j->public_id,
+             j->w->gw[j->prov]->name, j->why, j->w->gw[j->prov + 1]->name);
+    metric_inc(role_metrics(j->w->ctx), MC_GATEWAY_FAILOVERS);
     j->prov++;
     snprintf(j->provider, sizeof(j->provider), "%s", j->w->gw[j->prov]->name);
     job_call(j);
@@ -419,14 +432,17 @@ job_failover(struct job *j, const struct gw_result *r)
     char id[24], version[24];
     snprintf(id, sizeof(id), "%lld", (long long)j->intent_id);
     snprintf(version, sizeof(version), "%lld", (long long)j->version);
-    log_warn("payment %s: %s did not take it (%s); failing over to %s", j->public_id,
-             w->gw[j->prov]->name, r->message, w->gw[j->prov + 1]->name);
-    metric_inc(role_metrics(w->ctx), MC_GATEWAY_FAILOVERS);
-    const char *params[4] = {id, version, w->gw[j->prov + 1]->name, w->gw[j->prov]->name};
+    snprintf(j->why, sizeof(j->why), "%s", r->message);
+    /* When this job never called the provider it leaves, another attempt
+     * with the same key may have: then the move is refused. */
+    const char *params[5] = {id, version, w->gw[j->prov + 1]->name, w->gw[j->prov]->name,
+                             j->sent[j->prov] ? "t" : "f"};
     pgev_exec(w->pg,
               "UPDATE payment_intents SET gateway_provider = $3 WHERE id = $1 AND version = $2"
-              " AND status = 'processing' AND gateway_provider = $4 RETURNING 1",
-              4, params, job_on_pinned, j);
+              " AND status = 'processing' AND gateway_provider = $4"
+              " AND ($5::boolean OR gateway_tried_version IS DISTINCT FROM $2"
+              "  OR NOT $4 = ANY(gateway_tried)) RETURNING 1",
+              5, params, job_on_pinned, j);
 }
 
 /* What follows a gateway answer (or a breaker's refusal): failover when
@@ -437,8 +453,11 @@ static void
 job_next(struct job *j, const struct gw_result *r, bool refused)
 {
     const struct config *cfg = &j->w->ctx->cfg;
+    /* Failover only when nothing this job heard from the provider left a
+     * doubt, and no attempt before this job's own first call reached it. */
+    bool clean = !j->unsure[j->prov] && !j->tried_before[j->prov];
     if (r->outcome == GW_NOT_PROCESSED && strcmp(j->op, "confirm") == 0 &&
-        j->prov + 1 < j->w->n_gw) {
+        j->prov + 1 < j->w->n_gw && clean) {
         job_failover(j, r);
         return;
     }
@@ -464,7 +483,57 @@ job_on_gateway(void *arg, const struct gw_result *r)
     breaker_done(&j->w->ctx->seg->breakers[j->prov], !retryable, j->probe, &policy,
                  j->w->gw[j->prov]->name);
     j->probe = false;
+    if (r->outcome != GW_NOT_PROCESSED)
+        j->unsure[j->prov] = true; /* it may hold the charge: never leave it */
     job_next(j, r, false);
+}
+
+static void
+job_send(struct job *j, const struct gw_request *req)
+{
+    j->sent[j->prov] = true;
+    j->gateway_started_us = http_now_us();
+    struct gateway *gw = j->w->gw[j->prov];
+    gw->call(gw, req, job_on_gateway, j);
+}
+
+static void
+job_on_tried(void *arg, PGresult *res, const char *err)
+{
+    struct job *j = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+        if (res && PQresultStatus(res) == PGRES_TUPLES_OK) {
+            job_reply_current(j); /* the attempt moved on: another one finished it */
+            return;
+        }
+        log_error("payment %s: gateway attempt not recorded: %s; left for recovery", j->public_id,
+                  err ? err : PQresultErrorMessage(res));
+        job_reply_current(j);
+        return;
+    }
+    j->tried_before[j->prov] = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+    j->sent[j->prov] = true; /* recorded: from now on it counts as sent */
+    job_call(j);
+}
+
+/* With several providers, records that this attempt goes to the provider
+ * before the first call, and learns whether an earlier attempt did. */
+static void
+job_record_tried(struct job *j)
+{
+    char id[24], version[24];
+    snprintf(id, sizeof(id), "%lld", (long long)j->intent_id);
+    snprintf(version, sizeof(version), "%lld", (long long)j->version);
+    const char *params[3] = {id, version, j->w->gw[j->prov]->name};
+    pgev_exec(j->w->pg,
+              "WITH old AS (SELECT id, coalesce(gateway_tried_version = $2 AND"
+              "  $3 = ANY(gateway_tried), false) AS before FROM payment_intents"
+              "  WHERE id = $1 AND version = $2 AND status = 'processing' FOR UPDATE)"
+              " UPDATE payment_intents p SET gateway_tried = CASE WHEN"
+              "  p.gateway_tried_version = $2 THEN array_append(p.gateway_tried, $3::text)"
+              "  ELSE ARRAY[$3::text] END, gateway_tried_version = $2"
+              " FROM old WHERE p.id = old.id RETURNING old.before",
+              3, params, job_on_tried, j);
 }
 
 static void
@@ -495,9 +564,11 @@ job_call(struct job *j)
         job_next(j, &r, true);
         return;
     }
-    j->gateway_started_us = http_now_us();
-    struct gateway *gw = j->w->gw[j->prov];
-    gw->call(gw, &req, job_on_gateway, j);
+    if (j->w->n_gw > 1 && req.op == GW_CHARGE && !j->sent[j->prov]) {
+        job_record_tried(j);
+        return;
+    }
+    job_send(j, &req);
 }
 
 /* Capture and cancel act on the charge the confirm created. */

@@ -711,7 +711,10 @@ class FailoverTest(unittest.TestCase):
         b = Gateway("--key", "key-b")
         for g in (a, b):
             self.addCleanup(g.stop)
-        pd = self.start(a, b, GATEWAY_MAX_ATTEMPTS=2, PROCESSING_LEASE_MS=1500, SWEEP_INTERVAL_MS=300)
+        # Its timeouts open sim_a's breaker: an open breaker must not move a
+        # payment that sim_a may hold.
+        pd = self.start(a, b, GATEWAY_MAX_ATTEMPTS=2, PROCESSING_LEASE_MS=1500, SWEEP_INTERVAL_MS=300,
+                        BREAKER_FAILURES=2, BREAKER_OPEN_MS=3000)
         _, _, key = new_account("ambiguous")
         c = Client(pd.port, key)
         code, pi = c.post("/v1/payment_intents", {"amount": 900, "currency": "usd",
@@ -719,8 +722,11 @@ class FailoverTest(unittest.TestCase):
         self.assertEqual((code, pi["status"]), (200, "processing"), pi)
         self.assertEqual(len(self.charges_for(a, pi["id"])), 1)  # a took it; the answer was lost
         self.assertEqual(self.charges_for(b, pi["id"]), [])
-        time.sleep(2)  # the sweep re-drives it, still to sim_a, which still times out
+        wait_for(lambda: 'paymentd_circuit_breaker_state{provider="sim_a"} 1' in pd.metrics(), 20,
+                 interval=0.3, what="sim_a's breaker open")
+        time.sleep(2)  # the sweep re-drives it while the breaker is open: it stays with sim_a
         self.assertEqual(self.charges_for(b, pi["id"]), [])
+        self.assertIn("not moved from sim_a", pd.logs())
         self.assertEqual(sql("SELECT status, gateway_provider FROM payment_intents WHERE public_id = '%s'" % pi["id"]),
                          [["processing", "sim_a"]])
         a.configure(timeout_rate=0)
