@@ -95,6 +95,8 @@ void v1_error(struct api_req *r, int status, const char *type, const char *code,
               const char *message, const char *param);
 void v1_params_error(struct api_req *r, const struct params_error *e);
 void v1_db_error(struct api_req *r, const char *err);
+/* 429 rate_limit with Retry-After. */
+void v1_too_many(struct api_req *r, int retry_after_s);
 /* True when a query returned rows; otherwise answers 503 and returns false. */
 bool v1_rows(struct api_req *r, PGresult *res, const char *err);
 /* 404 resource_missing for the :id of the request. */

@@ -203,12 +203,7 @@ callbacks_on_limited(struct api_req *r, int retry_after_s)
     const struct config *cfg = &r->api->ctx->cfg;
     struct callback *cb = r->state;
     if (retry_after_s > 0) {
-        char ra[16];
-        snprintf(ra, sizeof(ra), "%d", retry_after_s);
-        r->not_executed = true;
-        evhttp_add_header(evhttp_request_get_output_headers(r->req), "Retry-After", ra);
-        v1_error(r, 429, "invalid_request_error", "rate_limit",
-                 "Too many callbacks from this address.", NULL);
+        v1_too_many(r, retry_after_s);
         return;
     }
     const struct config_provider *pv = NULL;

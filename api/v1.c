@@ -156,7 +156,7 @@ v1_after_idem_check(struct api_req *r)
         r->handler(r);
 }
 
-static void
+void
 v1_too_many(struct api_req *r, int retry_after_s)
 {
     char ra[16];
