@@ -10,16 +10,19 @@
  * that IP is refused, also with a right key, until the window passes).
  * With Redis unavailable each process counts alone in a small table, with
  * each limit divided by API_PROCESSES, so the service is never unlimited.
- * The callback gets 0 (allowed) or the seconds to wait (429). Calls
- * redisev, shm.
+ * The script goes by its SHA-1 (EVALSHA), and in full only when Redis
+ * answers NOSCRIPT. The callback gets 0 (allowed) or the seconds to wait
+ * (429). Calls redisev, shm, OpenSSL.
  */
 #include "ratelimit.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <openssl/sha.h>
 
 #include "api.h"
+#include "crypto.h"
 #include "metrics.h"
 #include "xmalloc.h"
 
@@ -53,6 +56,7 @@ struct rl_slot {
 
 struct ratelimit {
     struct api *api;
+    char sha[41]; /* the script's SHA-1: EVALSHA sends 40 bytes, not the script */
     struct rl_slot slots[RL_LOCAL_SLOTS];
 };
 
@@ -64,13 +68,17 @@ struct rl_call {
     char hit[96];
     int64_t hit_limit, hit_window_ms;
     bool fail;
+    bool sent_script; /* EVAL after Redis answered NOSCRIPT (restarted or flushed) */
 };
 
 struct ratelimit *
 ratelimit_new(struct api *api)
 {
     struct ratelimit *rl = xcalloc(1, sizeof(*rl));
+    uint8_t digest[SHA_DIGEST_LENGTH];
     rl->api = api;
+    SHA1((const unsigned char *)rl_script, strlen(rl_script), digest);
+    crypto_hex(digest, SHA_DIGEST_LENGTH, rl->sha);
     return rl;
 }
 
@@ -158,11 +166,19 @@ rl_local(struct rl_call *c)
     rl_finish(c, n > rl_share(rl, c->hit_limit) ? 2 : 0, left);
 }
 
+static void rl_run(struct rl_call *c);
+
 static void
 rl_on_reply(void *arg, redisReply *reply)
 {
     struct rl_call *c = arg;
     c->r->refs--;
+    if (reply && reply->type == REDIS_REPLY_ERROR && !c->sent_script &&
+        strncmp(reply->str, "NOSCRIPT", 8) == 0) {
+        c->sent_script = true; /* Redis does not know it yet: send it once */
+        rl_run(c);
+        return;
+    }
     if (!reply || reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 ||
         reply->element[0]->type != REDIS_REPLY_INTEGER ||
         reply->element[1]->type != REDIS_REPLY_INTEGER) {

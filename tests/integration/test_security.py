@@ -126,6 +126,7 @@ class KeyRevocationTest(unittest.TestCase):
 class RateLimitTest(unittest.TestCase):
     def setUp(self):
         redis_cli("DEL", "rl:af:127.0.0.1")
+        redis_cli("SCRIPT", "FLUSH")  # the limiter must load its script again (NOSCRIPT path)
         self.gw = Gateway()
         self.addCleanup(self.gw.stop)
 
@@ -152,6 +153,7 @@ class RateLimitTest(unittest.TestCase):
         time.sleep(1.2)
         self.assertEqual(a.call("GET", "/v1/payment_intents")[0], 200)  # the window passed
         self.assertRegex(pd.metrics(), r'paymentd_rate_limited_total\{class="read"\} [1-9]')
+        self.assertIn("paymentd_rate_limit_local_total 0", pd.metrics())  # Redis decided, not the fallback
 
         # Ten wrong keys from one IP: then even the right key gets 429.
         bad = Client(pd.port, "sk_test_wrongwrongwrongwrong")
