@@ -13,7 +13,8 @@
  *     a gateway that took the first charge answers with that charge, so the
  *     payment is finished, never charged twice, and never failed over;
  *   - cancels open intents past expires_at, with their event;
- *   - removes idempotency keys older than 24 hours;
+ *   - removes idempotency keys older than 24 hours, and gateway callback ids
+ *     (their dedupe records) older than 30 days;
  * and every CONSISTENCY_INTERVAL_MS it counts succeeded intents without a
  * succeeded charge or capture, and intents whose amount_received differs
  * from their transactions, into gauges and a log line. Calls pgev, nngev,
@@ -145,8 +146,13 @@ sweep_run(struct sweep *s)
               "  payment_intent_object(ROW(upd.*)::payment_intents), upd.public_id) FROM upd),"
               " keys AS (DELETE FROM idempotency_keys WHERE id IN (SELECT id FROM"
               "  idempotency_keys WHERE created_at < now() - interval '24 hours' LIMIT 1000)"
-              "  RETURNING 1)"
-              " SELECT (SELECT count(*) FROM ev), (SELECT count(*) FROM keys)",
+              "  RETURNING 1),"
+              /* Gateways resend callbacks for days, not months. */
+              " gw AS (DELETE FROM gateway_events WHERE (provider, event_id) IN (SELECT"
+              "  provider, event_id FROM gateway_events WHERE received_at < now() - interval"
+              "  '30 days' LIMIT 1000) RETURNING 1)"
+              " SELECT (SELECT count(*) FROM ev), (SELECT count(*) FROM keys),"
+              "  (SELECT count(*) FROM gw)",
               0, NULL, sweep_on_count, s);
     int64_t now = shm_mono_ms();
     if (s->last_check_mono && now - s->last_check_mono < s->ctx->cfg.consistency_interval_ms)

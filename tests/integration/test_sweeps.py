@@ -3,6 +3,7 @@ finished with the same gateway key, never charged twice; intents past
 expires_at are canceled with their event; idempotency keys older than 24 h
 are removed; the consistency checks report violations."""
 import json
+import time
 import unittest
 
 from harness import Client, Gateway, Paymentd, migrate, new_account, sql, wait_for
@@ -80,6 +81,15 @@ class SweepsTest(unittest.TestCase):
             " WHERE account_id = %s AND idempotency_key = 'old-key'" % self.acct_id)
         wait_for(lambda: sql("SELECT count(*) FROM idempotency_keys WHERE account_id = %s" % self.acct_id) == [["0"]],
                  20, what="old key removed")
+
+    def test_old_gateway_callback_ids_are_removed(self):
+        tag = str(time.time_ns())
+        sql("INSERT INTO gateway_events (provider, event_id, type, applied, received_at) VALUES"
+            " ('sim', 'gwevt_old_%s', 'charge.succeeded', true, now() - interval '31 days'),"
+            " ('sim', 'gwevt_new_%s', 'charge.succeeded', true, now() - interval '29 days')" % (tag, tag))
+        wait_for(lambda: sql("SELECT count(*) FROM gateway_events WHERE event_id = 'gwevt_old_%s'" % tag) == [["0"]],
+                 20, what="old callback id removed")
+        self.assertEqual(sql("SELECT count(*) FROM gateway_events WHERE event_id = 'gwevt_new_%s'" % tag), [["1"]])
 
     def test_consistency_violations_are_reported(self):
         code, pi = self.c.post("/v1/payment_intents", {"amount": 300, "currency": "usd"})
