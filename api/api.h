@@ -81,6 +81,12 @@ struct api_req {
     int refs;               /* callbacks that may still arrive for this request */
     bool job_slot;          /* holds one of the api's MAX_PENDING_JOBS slots */
     const char *auth_error; /* why authentication failed (a fixed message) */
+    /* The Redis side of the idempotency claim, taken in the limiter's call. */
+    enum { IDEM_REDIS_NONE, IDEM_REDIS_CLAIMED, IDEM_REDIS_HELD } idem_redis;
+    char *idem_redis_value; /* what a held key holds ("L..." or "D...") */
+    size_t idem_redis_len;
+    bool params_failed; /* parameters refused: answered once the limiter let it through */
+    struct params_error params_error;
 };
 
 /* api.c */
@@ -118,7 +124,11 @@ void callbacks_receive(struct api_req *r);
 /* idem.c */
 /* Sets api->owner, the holder tag of this process's idempotency claims. */
 void idem_owner_init(struct api *api);
-void idem_begin(struct api_req *r);
+/* The request's parameter hash and Redis key, before the rate limiter's call. */
+void idem_prepare(struct api_req *r);
+/* Goes on after the limiter's call reported the Redis claim (idem_redis). */
+void idem_resume(struct api_req *r);
+#define IDEM_REDIS_LOCK_MS "60000"
 void idem_finish(struct api_req *r, int status, const char *body);
 
 /* lists.c */

@@ -1,14 +1,16 @@
 /*
  * idem - idempotent POST requests (the Idempotency-Key header).
  *
- * Offers idem_begin() and idem_finish(). The first request under a key
+ * Offers idem_prepare(), idem_resume() and idem_finish(). The first request under a key
  * claims it, executes, and stores its response, which every later request
  * with the same key gets back byte for byte for 24 h; the same key with other
  * parameters answers 400 idempotency_error; a request arriving while the
  * first is still executing answers 409.
  *
  * Two layers, one truth. Redis holds a fast claim (SET NX PX) and a copy
- * of finished responses, so a replay costs one Redis round trip. PostgreSQL
+ * of finished responses, so a replay costs one Redis round trip: the rate
+ * limiter's script takes the claim or reads the stored answer in the same
+ * call (ratelimit.c), and idem_resume() goes on from what it found. PostgreSQL
  * holds the row that decides: INSERT ... ON CONFLICT DO NOTHING claims the
  * key, and the response is written to that row before it is sent. With
  * Redis down, restarted or flushed every decision is taken from the row,
@@ -30,9 +32,8 @@
 #include "log.h"
 #include "xmalloc.h"
 
-#define IDEM_LOCK_S_TEXT   "60"
-#define IDEM_TTL_MS        "86400000"
-#define IDEM_REDIS_LOCK_MS "60000"
+#define IDEM_LOCK_S_TEXT "60"
+#define IDEM_TTL_MS      "86400000"
 
 static void idem_claim_pg(struct api_req *r);
 
@@ -237,45 +238,8 @@ idem_claim_pg(struct api_req *r)
 
 /* ---- Redis: the fast path ---- */
 
-static void
-idem_on_redis_get(void *arg, redisReply *reply)
-{
-    struct api_req *r = arg;
-    r->refs--;
-    if (reply && reply->type == REDIS_REPLY_STRING && reply->len > 65) {
-        if (memcmp(reply->str + 1, r->idem_hash, 64) != 0) {
-            idem_mismatch(r);
-            return;
-        }
-        if (reply->str[0] == 'D' && reply->len >= 68) {
-            char code[4] = {reply->str[65], reply->str[66], reply->str[67], 0};
-            char *body = xstrndup(reply->str + 68, (size_t)reply->len - 68);
-            idem_replay(r, atoi(code), body);
-            free(body);
-            return;
-        }
-        /* 'L': claimed and not finished; PostgreSQL knows whether its owner
-         * still lives. */
-    }
-    idem_claim_pg(r);
-}
-
-static void
-idem_on_redis_set(void *arg, redisReply *reply)
-{
-    struct api_req *r = arg;
-    if (reply && reply->type == REDIS_REPLY_NIL) {
-        /* Somebody holds or finished this key: see which. */
-        const char *argv[2] = {"GET", r->idem_redis_key};
-        if (redisev_command(r->api->redis, idem_on_redis_get, r, 2, argv) == 0)
-            return; /* keeps the reference */
-    }
-    r->refs--;
-    idem_claim_pg(r);
-}
-
 void
-idem_begin(struct api_req *r)
+idem_prepare(struct api_req *r)
 {
     uint8_t hash[32];
     char *canon = params_canonical(r->params);
@@ -290,15 +254,32 @@ idem_begin(struct api_req *r)
     crypto_hex(hash, 16, keyhex);
     snprintf(r->idem_redis_key, sizeof(r->idem_redis_key), "idem:%lld:%s", (long long)r->account_id,
              keyhex);
+}
 
-    char *lock = xasprintf("L%s", r->idem_hash);
-    const char *argv[6] = {"SET", r->idem_redis_key, lock, "NX", "PX", IDEM_REDIS_LOCK_MS};
-    r->refs++;
-    if (redisev_command(r->api->redis, idem_on_redis_set, r, 6, argv) < 0) {
-        r->refs--;
-        idem_claim_pg(r); /* Redis down: PostgreSQL alone decides */
+/* The Redis lock was taken (or tried) in the rate limiter's round trip;
+ * what it found decides the way on. */
+void
+idem_resume(struct api_req *r)
+{
+    const char *v = r->idem_redis_value;
+    size_t len = r->idem_redis_len;
+    if (r->idem_redis == IDEM_REDIS_HELD && v && len > 65) {
+        if (memcmp(v + 1, r->idem_hash, 64) != 0) {
+            idem_mismatch(r);
+            return;
+        }
+        if (v[0] == 'D' && len >= 68) {
+            char code[4] = {v[65], v[66], v[67], 0};
+            char *body = xstrndup(v + 68, len - 68);
+            idem_replay(r, atoi(code), body);
+            free(body);
+            return;
+        }
+        /* 'L': claimed and not finished; PostgreSQL knows whether its owner
+         * still lives. */
     }
-    free(lock);
+    /* Claimed in Redis, or Redis could not say: PostgreSQL decides. */
+    idem_claim_pg(r);
 }
 
 /* ---- storing the answer ---- */

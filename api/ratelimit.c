@@ -30,9 +30,13 @@
 #define RL_AUTH_WINDOW_MS 60000
 
 /* KEYS[1]: the client IP's failed-authentication counter; KEYS[2]: the
- * window counter to hit, or "" for none. ARGV: failure limit, failure
- * window ms, hit limit, hit window ms, "fail" to count a failure.
- * Returns {0 | 1 (IP blocked) | 2 (over the limit), ms until the window ends}. */
+ * window counter to hit, or "" for none; KEYS[3]: an idempotency key's
+ * Redis entry, or "". ARGV: failure limit, failure window ms, hit limit,
+ * hit window ms, "fail" to count a failure, the idempotency lock value and
+ * its lifetime in ms. Returns {0 | 1 (IP blocked) | 2 (over the limit), ms
+ * until the window ends, and when allowed with KEYS[3]: 1 (lock taken) or
+ * 2 (held: its value follows)}, so a request's limit and its idempotency
+ * claim, or its stored answer, cost one round trip. */
 static const char rl_script[] =
     "local f = tonumber(redis.call('GET', KEYS[1]) or '0')\n"
     "if ARGV[5] == 'fail' then\n"
@@ -46,7 +50,9 @@ static const char rl_script[] =
     "local n = redis.call('INCR', KEYS[2])\n"
     "if n == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end\n"
     "if n > tonumber(ARGV[3]) then return {2, redis.call('PTTL', KEYS[2])} end\n"
-    "return {0, 0}\n";
+    "if KEYS[3] == '' then return {0, 0} end\n"
+    "if redis.call('SET', KEYS[3], ARGV[6], 'NX', 'PX', ARGV[7]) then return {0, 0, 1} end\n"
+    "return {0, 0, 2, redis.call('GET', KEYS[3])}\n";
 
 struct rl_slot {
     char key[96];
@@ -151,6 +157,7 @@ rl_local(struct rl_call *c)
     char fkey[96];
     int64_t left;
     metric_inc(role_metrics(c->r->api->ctx), MC_RATE_LIMIT_LOCAL);
+    c->r->idem_redis = IDEM_REDIS_NONE; /* PostgreSQL alone decides the claim */
     snprintf(fkey, sizeof(fkey), "af:%s", c->ip);
     int64_t fails = rl_local_hit(rl, fkey, RL_AUTH_WINDOW_MS, c->fail ? 1 : 0, &left);
     int64_t flimit = rl_share(rl, cfg->rate_limit_auth_failures);
@@ -179,11 +186,20 @@ rl_on_reply(void *arg, redisReply *reply)
         rl_run(c);
         return;
     }
-    if (!reply || reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 ||
+    if (!reply || reply->type != REDIS_REPLY_ARRAY || reply->elements < 2 ||
         reply->element[0]->type != REDIS_REPLY_INTEGER ||
         reply->element[1]->type != REDIS_REPLY_INTEGER) {
         rl_local(c);
         return;
+    }
+    struct api_req *r = c->r;
+    if (reply->elements >= 3 && reply->element[2]->type == REDIS_REPLY_INTEGER) {
+        r->idem_redis = reply->element[2]->integer == 1 ? IDEM_REDIS_CLAIMED : IDEM_REDIS_HELD;
+        if (reply->elements == 4 && reply->element[3]->type == REDIS_REPLY_STRING) {
+            free(r->idem_redis_value);
+            r->idem_redis_value = xstrndup(reply->element[3]->str, reply->element[3]->len);
+            r->idem_redis_len = reply->element[3]->len;
+        }
     }
     rl_finish(c, (int)reply->element[0]->integer, reply->element[1]->integer);
 }
@@ -199,14 +215,32 @@ rl_run(struct rl_call *c)
     snprintf(fwindow, sizeof(fwindow), "%d", RL_AUTH_WINDOW_MS);
     snprintf(hlimit, sizeof(hlimit), "%lld", (long long)c->hit_limit);
     snprintf(hwindow, sizeof(hwindow), "%lld", (long long)c->hit_window_ms);
-    char hkey[112] = "";
+    char hkey[112] = "", lock[80] = "";
     if (c->hit[0])
         snprintf(hkey, sizeof(hkey), "rl:%s", c->hit);
-    const char *argv[10] = {"EVAL", rl_script, "2",    fkey,    hkey,
-                            flimit, fwindow,   hlimit, hwindow, c->fail ? "fail" : "check"};
+    /* An idempotent write also takes its key's Redis lock in this call. */
+    struct ratelimit *rl = api->ratelimit;
+    struct api_req *r = c->r;
+    bool idem =
+        !c->fail && c->cls == RL_WRITE && r->has_idem && !r->params_failed && r->idem_redis_key[0];
+    if (idem)
+        snprintf(lock, sizeof(lock), "L%s", r->idem_hash);
+    const char *argv[13] = {c->sent_script ? "EVAL" : "EVALSHA",
+                            c->sent_script ? rl_script : rl->sha,
+                            "3",
+                            fkey,
+                            hkey,
+                            idem ? r->idem_redis_key : "",
+                            flimit,
+                            fwindow,
+                            hlimit,
+                            hwindow,
+                            c->fail ? "fail" : "check",
+                            lock,
+                            IDEM_REDIS_LOCK_MS};
     c->r->refs++;
     if (!redisev_connected(api->redis) ||
-        redisev_command(api->redis, rl_on_reply, c, 10, argv) < 0) {
+        redisev_command(api->redis, rl_on_reply, c, 13, argv) < 0) {
         c->r->refs--;
         rl_local(c);
     }

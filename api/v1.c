@@ -80,6 +80,7 @@ v1_release(struct api_req *r)
     if (r->timer)
         event_free(r->timer);
     json_decref(r->params);
+    free(r->idem_redis_value);
     free(r->pending_body);
     free(r->state);
     free(r);
@@ -147,15 +148,6 @@ v1_db_error(struct api_req *r, const char *err)
 
 static json_t *v1_parse_params(struct api_req *r, struct params_error *err);
 
-static void
-v1_after_idem_check(struct api_req *r)
-{
-    if (r->has_idem && r->method == EVHTTP_REQ_POST)
-        idem_begin(r);
-    else
-        r->handler(r);
-}
-
 void
 v1_too_many(struct api_req *r, int retry_after_s)
 {
@@ -187,34 +179,27 @@ v1_auth_failed(struct api_req *r, const char *why)
     ratelimit_auth_failed(r, v1_on_auth_failure_counted);
 }
 
-/* Authenticated and within its limits: parameters, idempotency, handler. */
+/* Within its limits: parameters, idempotency, handler. */
 static void
 v1_on_limited(struct api_req *r, int retry_after_s)
 {
-    struct params_error perr;
     if (retry_after_s > 0) {
         v1_too_many(r, retry_after_s);
         return;
     }
-    r->params = v1_parse_params(r, &perr);
-    if (!r->params) {
-        v1_params_error(r, &perr);
+    if (r->params_failed) {
+        v1_params_error(r, &r->params_error);
         return;
     }
-    const char *idem =
-        evhttp_find_header(evhttp_request_get_input_headers(r->req), "Idempotency-Key");
-    if (idem && r->method == EVHTTP_REQ_POST) {
-        if (strlen(idem) == 0 || strlen(idem) > 255) {
-            v1_error(r, 400, "invalid_request_error", "idempotency_key_invalid",
-                     "Idempotency-Key must be 1 to 255 characters.", NULL);
-            return;
-        }
-        snprintf(r->idem_key, sizeof(r->idem_key), "%s", idem);
-        r->has_idem = true;
-    }
-    v1_after_idem_check(r);
+    if (r->has_idem)
+        idem_resume(r);
+    else
+        r->handler(r);
 }
 
+/* Authenticated: parameters and the Idempotency-Key are read now, so that
+ * the limiter's Redis call can take the key's claim too; refusals are
+ * answered after the limit is counted. */
 static void
 v1_on_auth(struct api_req *r, int64_t account_id)
 {
@@ -227,6 +212,21 @@ v1_on_auth(struct api_req *r, int64_t account_id)
         return;
     }
     r->account_id = account_id;
+    r->params = v1_parse_params(r, &r->params_error);
+    r->params_failed = r->params == NULL;
+    const char *idem =
+        evhttp_find_header(evhttp_request_get_input_headers(r->req), "Idempotency-Key");
+    if (!r->params_failed && idem && r->method == EVHTTP_REQ_POST) {
+        if (strlen(idem) == 0 || strlen(idem) > 255) {
+            params_fail(&r->params_error, 400, "idempotency_key_invalid", NULL,
+                        "Idempotency-Key must be 1 to 255 characters.");
+            r->params_failed = true;
+        } else {
+            snprintf(r->idem_key, sizeof(r->idem_key), "%s", idem);
+            r->has_idem = true;
+            idem_prepare(r);
+        }
+    }
     ratelimit_check(r, r->method == EVHTTP_REQ_GET ? RL_READ : RL_WRITE, v1_on_limited);
 }
 
