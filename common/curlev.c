@@ -177,10 +177,14 @@ curlev_check_done(struct curlev *c)
         resp.retry_after_ms = x->retry_after_ms;
         resp.body = x->resp ? x->resp : "";
         resp.len = x->len;
-        /* Sent once connected and the request went out (or any answer came). */
-        resp.sent =
-            resp.status > 0 || (rc != CURLE_COULDNT_CONNECT && rc != CURLE_COULDNT_RESOLVE_HOST &&
-                                rc != CURLE_COULDNT_RESOLVE_PROXY && connect_time > 0);
+        /* Sent when any answer came, any byte of the request went out, or a
+         * fresh connection was made. A reused keep-alive connection has no
+         * connect time: its request counts by the bytes written. */
+        long request_size = 0;
+        curl_easy_getinfo(easy, CURLINFO_REQUEST_SIZE, &request_size);
+        resp.sent = resp.status > 0 || request_size > 0 || up > 0 ||
+                    (rc != CURLE_COULDNT_CONNECT && rc != CURLE_COULDNT_RESOLVE_HOST &&
+                     rc != CURLE_COULDNT_RESOLVE_PROXY && connect_time > 0);
         resp.error = rc == CURLE_OK ? NULL : (x->errbuf[0] ? x->errbuf : curl_easy_strerror(rc));
         x->cb(x->arg, &resp);
         curlev_xfer_free(x);

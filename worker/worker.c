@@ -435,13 +435,17 @@ job_failover(struct job *j, const struct gw_result *r)
     snprintf(j->why, sizeof(j->why), "%s", r->message);
     /* When this job never called the provider it leaves, another attempt
      * with the same key may have: then the move is refused. */
+    /* Every call to a provider is recorded first (job_record_tried), so the
+     * provider may be left only when the calls recorded for it are exactly
+     * this job's own (one, or none when the breaker refused the first). */
     const char *params[5] = {id, version, w->gw[j->prov + 1]->name, w->gw[j->prov]->name,
-                             j->sent[j->prov] ? "t" : "f"};
+                             j->sent[j->prov] ? "1" : "0"};
     pgev_exec(w->pg,
               "UPDATE payment_intents SET gateway_provider = $3 WHERE id = $1 AND version = $2"
               " AND status = 'processing' AND gateway_provider = $4"
-              " AND ($5::boolean OR gateway_tried_version IS DISTINCT FROM $2"
-              "  OR NOT $4 = ANY(gateway_tried)) RETURNING 1",
+              " AND (CASE WHEN gateway_tried_version = $2 THEN"
+              "  coalesce(cardinality(array_positions(gateway_tried, $4::text)), 0) ELSE 0 END)"
+              "  = $5::int RETURNING 1",
               5, params, job_on_pinned, j);
 }
 
@@ -503,7 +507,7 @@ job_on_tried(void *arg, PGresult *res, const char *err)
     struct job *j = arg;
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
         if (res && PQresultStatus(res) == PGRES_TUPLES_OK) {
-            job_reply_current(j); /* the attempt moved on: another one finished it */
+            job_reply_current(j); /* moved on: finished, or pinned to another provider */
             return;
         }
         log_error("payment %s: gateway attempt not recorded: %s; left for recovery", j->public_id,
@@ -526,9 +530,12 @@ job_record_tried(struct job *j)
     snprintf(version, sizeof(version), "%lld", (long long)j->version);
     const char *params[3] = {id, version, j->w->gw[j->prov]->name};
     pgev_exec(j->w->pg,
+              /* Only the provider the payment is pinned to may be called: a
+               * job re-sent after another attempt moved it finds no row. */
               "WITH old AS (SELECT id, coalesce(gateway_tried_version = $2 AND"
               "  $3 = ANY(gateway_tried), false) AS before FROM payment_intents"
-              "  WHERE id = $1 AND version = $2 AND status = 'processing' FOR UPDATE)"
+              "  WHERE id = $1 AND version = $2 AND status = 'processing'"
+              "  AND gateway_provider = $3 FOR UPDATE)"
               " UPDATE payment_intents p SET gateway_tried = CASE WHEN"
               "  p.gateway_tried_version = $2 THEN array_append(p.gateway_tried, $3::text)"
               "  ELSE ARRAY[$3::text] END, gateway_tried_version = $2"

@@ -46,6 +46,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from harness import BIN, SOURCE, Gateway, Paymentd, free_port, wait_for  # noqa: E402
 
 FLOWS = int(os.environ.get("CHAOS_FLOWS", "2000"))
+# 2: a second gateway provider behind the first; the faults hit the first,
+# so payments fail over while workers die, and the two ledgers together must
+# still hold one charge per succeeded payment.
+PROVIDERS = int(os.environ.get("CHAOS_PROVIDERS", "1"))
 CLIENTS = int(os.environ.get("CHAOS_CLIENTS", "16"))
 FAULT_SECONDS = 36
 SETTLE_S = 60
@@ -350,7 +354,14 @@ def faults(pd, gw, servers, done):
     done.set()
 
 
-def check(servers, account, load, gw, subscriber, hooks, prober):
+def failovers(pd):
+    for line in pd.metrics().splitlines():
+        if line.startswith("paymentd_gateway_failovers_total "):
+            return line.split()[-1]
+    return "?"
+
+
+def check(servers, account, load, gateways, subscriber, hooks, prober, pd):
     """Waits up to SETTLE_S for the system to settle, then counts what is wrong."""
     def payments():
         return {r[0]: (r[1], int(r[2])) for r in servers.sql(
@@ -378,7 +389,7 @@ def check(servers, account, load, gw, subscriber, hooks, prober):
     lost = [(pid, st) for pid, st in load.ok if pid not in rows or rows[pid][0] not in LATER.get(st, {st})]
     stuck = [pid for pid, (st, _) in rows.items() if st not in FINAL]
 
-    ledger = gw.ledger()["data"]
+    ledger = [ch for g in gateways for ch in g.ledger()["data"]]
     charges = collections.Counter()
     charged = set()
     for ch in ledger:
@@ -388,6 +399,11 @@ def check(servers, account, load, gw, subscriber, hooks, prober):
             if ch.get("status") == "succeeded":
                 charged.add(pid)
     double = [pid for pid, n in charges.items() if n > 1]
+    if double:  # the service's own account of the first one
+        print("\n".join(line for line in pd.logs().splitlines() if double[0] in line))
+    for pid in double[:3]:  # what the gateways hold for them, for the report
+        print("  ledger for %s: %r" % (pid, [(ch.get("status"), ch.get("idempotency_key"))
+                                          for ch in ledger if (ch.get("idempotency_key") or "").startswith(pid + ":")]))
     succeeded = {pid for pid, (st, _) in rows.items() if st == "succeeded"}
     mismatch = sorted(charged ^ succeeded)
 
@@ -438,6 +454,7 @@ def check(servers, account, load, gw, subscriber, hooks, prober):
         ("payments in PostgreSQL", len(rows), None),
         ("2xx answers recorded", len(load.ok), None),
         ("charges at the gateway (succeeded)", len(charged), None),
+        ("gateway providers / failovers", "%d / %s" % (len(gateways), failovers(pd)), None),
         ("succeeded payments", len(succeeded), None),
         ("events written", len(all_ids), None),
         ("lost (2xx then missing or regressed)", len(lost), 0),
@@ -495,9 +512,16 @@ def main():
         account_id = servers.sql("SELECT id FROM accounts WHERE public_id = '%s'" % account)[0][0]
         gw = Gateway("--latency-ms", "20")
         cleanup.insert(0, gw.stop)
+        gateways = [gw]
+        providers = {"GATEWAY_URL": gw.url}
+        if PROVIDERS == 2:
+            backup = Gateway("--latency-ms", "20")
+            cleanup.insert(0, backup.stop)
+            gateways.append(backup)
+            providers = {"GATEWAY_PROVIDERS": "sim_a,sim_b", "GATEWAY_URL": "%s,%s" % (gw.url, backup.url)}
         hooks = Webhooks()
         cleanup.insert(0, hooks.close)
-        pd = Paymentd(GATEWAY_URL=gw.url, API_PROCESSES=2, WORKERS=2, GATEWAY_TIMEOUT_MS=1500,
+        pd = Paymentd(**providers, API_PROCESSES=2, WORKERS=2, GATEWAY_TIMEOUT_MS=1500,
                       GATEWAY_MAX_ATTEMPTS=3, PROCESSING_LEASE_MS=4000, SWEEP_INTERVAL_MS=500,
                       CONFIRM_WAIT_MS=3000, BREAKER_OPEN_MS=2000, WEBHOOK_ALLOW_PRIVATE=1,
                       OUTBOX_POLL_MS=200, WEBHOOK_TIMEOUT_MS=5000, DB_QUEUE_TIMEOUT_MS=1000,
@@ -520,13 +544,14 @@ def main():
         load = Load(pd.port, key, "chaos%d" % os.getpid())
         prober = Prober(pd.port)
         done = threading.Event()
-        log("load: %d flows from %d clients; faults for %d s" % (FLOWS, CLIENTS, FAULT_SECONDS))
+        log("load: %d flows from %d clients; %d gateway provider(s); faults for %d s"
+            % (FLOWS, CLIENTS, PROVIDERS, FAULT_SECONDS))
         load.start()
         faults(pd, gw, servers, done)
         load.keep_going = False
         load.join()
         log("load done: %d flows, %d 2xx answers" % (load.next, len(load.ok)))
-        failed = check(servers, account_id, load, gw, subscriber, hooks, prober)
+        failed = check(servers, account_id, load, gateways, subscriber, hooks, prober, pd)
         prober.stop()
         if failed:
             print("\nCHAOS FAILED: " + "; ".join(failed))

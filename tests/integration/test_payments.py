@@ -707,16 +707,22 @@ class FailoverTest(unittest.TestCase):
         self.assertEqual(a2.ledger()["charges"], 0)
 
     def test_ambiguous_failure_stays_with_the_same_provider(self):
-        a = Gateway("--key", "key-a", "--timeout-rate", "100")  # takes the charge, never answers
+        a = Gateway("--key", "key-a")
         b = Gateway("--key", "key-b")
         for g in (a, b):
             self.addCleanup(g.stop)
         # Its timeouts open sim_a's breaker: an open breaker must not move a
-        # payment that sim_a may hold.
+        # payment that sim_a may hold. One worker, so that the charge below
+        # goes over the keep-alive connection the first payment opened (a
+        # timeout there has no connect time, and must still count as sent).
         pd = self.start(a, b, GATEWAY_MAX_ATTEMPTS=2, PROCESSING_LEASE_MS=1500, SWEEP_INTERVAL_MS=300,
-                        BREAKER_FAILURES=2, BREAKER_OPEN_MS=3000)
+                        BREAKER_FAILURES=2, BREAKER_OPEN_MS=3000, WORKERS=1)
         _, _, key = new_account("ambiguous")
         c = Client(pd.port, key)
+        code, warm = c.post("/v1/payment_intents", {"amount": 100, "currency": "usd",
+                                                   "payment_method": "pm_card_visa", "confirm": "true"})
+        self.assertEqual((code, warm["status"]), (200, "succeeded"), warm)
+        a.configure(timeout_rate=100)  # takes the charge, never answers
         code, pi = c.post("/v1/payment_intents", {"amount": 900, "currency": "usd",
                                                  "payment_method": "pm_card_visa", "confirm": "true"})
         self.assertEqual((code, pi["status"]), (200, "processing"), pi)
