@@ -7,11 +7,10 @@
  * authz_jwt_verify(), which accepts a JWT only when its header names HS256
  * (checked before libjwt sees the token, so "none" or an asymmetric
  * algorithm is refused whatever the library would do), its signature
- * verifies with JWT_SECRET, it carries an `exp` in the future (and any
- * `nbf` in the past), `iss` and `aud` match when configured, and the
- * configured claim names an account. Reasons for refusal are fixed strings
- * for the log; the token itself never appears in one. Pure functions: no
- * I/O. Calls libjwt, jansson, OpenSSL.
+ * verifies with JWT_SECRET (or, while rotating, either of "new|old"), it carries an `exp` in the
+ * future (and any `nbf` in the past), `iss` and `aud` match when configured, and the configured
+ * claim names an account. Reasons for refusal are fixed strings for the log; the token itself never
+ * appears in one. Pure functions: no I/O. Calls libjwt, jansson, OpenSSL.
  */
 #include "authz.h"
 
@@ -160,8 +159,14 @@ authz_jwt_verify(const char *token, const struct authz_jwt_policy *p, time_t now
         *why = "algorithm is not HS256";
         return -1;
     }
-    if (jwt_decode(&jwt, token, (const unsigned char *)p->secret, (int)strlen(p->secret)) != 0 ||
-        !jwt) {
+    /* JWT_SECRET may hold "new|old" while the issuer rotates: either verifies. */
+    for (const char *s = p->secret; *s && !jwt;) {
+        size_t len = strcspn(s, "|");
+        if (jwt_decode(&jwt, token, (const unsigned char *)s, (int)len) != 0)
+            jwt = NULL;
+        s += len + (s[len] == '|');
+    }
+    if (!jwt) {
         *why = "signature does not verify";
         return -1;
     }

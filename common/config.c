@@ -419,6 +419,19 @@ config_validate(struct config *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "METRICS_PORT must differ from PORT");
         return -1;
     }
+    for (const char *p = cfg->jwt_secret; p && *p;) {
+        /* "new|old" while rotating: each at least 32 bytes. */
+        size_t len = strcspn(p, "|");
+        if (len < 32) {
+            snprintf(err, errlen, "JWT_SECRET: every secret must be at least 32 bytes");
+            return -1;
+        }
+        p += len + (p[len] == '|');
+        if (p[-1] == '|' && !*p) {
+            snprintf(err, errlen, "JWT_SECRET: every secret must be at least 32 bytes");
+            return -1;
+        }
+    }
     if ((cfg->tls_cert_file == NULL) != (cfg->tls_key_file == NULL)) {
         snprintf(err, errlen, "TLS_CERT_FILE and TLS_KEY_FILE must be set together");
         return -1;

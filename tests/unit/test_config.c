@@ -169,6 +169,17 @@ test_secret_value_never_in_error(void **state)
     assert_non_null(strstr(err, "JWT_SECRET"));
     assert_null(strstr(err, "tooshort-secret-value"));
     unsetenv("JWT_SECRET");
+    /* Two secrets while rotating, each at least 32 bytes. */
+    setenv("JWT_SECRET", "0123456789abcdef0123456789abcdef|fedcba9876543210fedcba9876543210", 1);
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), 0);
+    config_free(&cfg);
+    setenv("JWT_SECRET", "0123456789abcdef0123456789abcdef|short-old-secret", 1);
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "JWT_SECRET"));
+    assert_null(strstr(err, "short-old-secret"));
+    setenv("JWT_SECRET", "0123456789abcdef0123456789abcdef|", 1);
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), -1);
+    unsetenv("JWT_SECRET");
     assert_true(config_key_is_secret(CFG_JWT_SECRET));
     assert_true(config_key_is_secret(CFG_POSTGRES_PASSWORD));
     assert_false(config_key_is_secret(CFG_PORT));

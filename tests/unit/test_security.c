@@ -150,6 +150,16 @@ test_jwt(void **state)
     t = make_jwt(JWT_ALG_NONE, NULL, now + 60, "paymentd");
     assert_int_equal(authz_jwt_verify(t, &p, now, account, sizeof(account), &why), -1);
     free(t);
+    /* While rotating, JWT_SECRET holds "new|old": a token signed with either verifies. */
+    struct authz_jwt_policy rotating = {"new-secret-new-secret-new-secret-00|" SECRET,
+                                        "issuer.example", "paymentd", "sub"};
+    t = make_jwt(JWT_ALG_HS256, SECRET, now + 60, "paymentd");
+    assert_int_equal(authz_jwt_verify(t, &rotating, now, account, sizeof(account), &why), 0);
+    free(t);
+    t = make_jwt(JWT_ALG_HS256, "new-secret-new-secret-new-secret-00", now + 60, "paymentd");
+    assert_int_equal(authz_jwt_verify(t, &rotating, now, account, sizeof(account), &why), 0);
+    assert_int_equal(authz_jwt_verify(t, &p, now, account, sizeof(account), &why), -1);
+    free(t);
     assert_int_equal(authz_jwt_verify("a.b.c", &p, now, account, sizeof(account), &why), -1);
     assert_int_equal(authz_jwt_verify("...", &p, now, account, sizeof(account), &why), -1);
 }
