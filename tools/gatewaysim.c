@@ -1,32 +1,53 @@
 /*
  * gatewaysim - the project's payment gateway simulator, an HTTP server that
- * tests and users start on any port.
+ * tests and users start on any port. It behaves like a real card gateway:
+ * every charge has a status, a record of what was held, captured and
+ * refunded, and a list of the operations done to it; late outcomes come as
+ * signed callbacks that may arrive late, out of order or twice.
  *
  * Offers main(). Endpoints (JSON bodies, Idempotency-Key honoured on every
- * POST: a repeat gets the first answer and never charges twice; the same
- * key with other parameters gets 400):
- *   POST /v1/charges {amount, currency, payment_method, capture}
- *   POST /v1/charges/:id/capture {amount}     POST /v1/charges/:id/cancel
- *   POST /v1/refunds {charge, amount}         GET /v1/charges/:id
- *   GET  /v1/charges?idempotency_key=K        (retrieve by key, for recovery)
- *   GET  /v1/ledger                           every charge, and how many
+ * POST: a repeat gets the first answer, status code and body, and never
+ * charges twice; the same key with other parameters gets 400):
+ *   POST /v1/charges {amount, currency, payment_method, capture, metadata?}
+ *   POST /v1/charges/:id/capture {amount?}    only from requires_capture
+ *   POST /v1/charges/:id/cancel               only from requires_capture or requires_action
+ *   POST /v1/refunds {charge, amount?}        GET /v1/charges/:id (the charge now)
+ *   GET  /v1/charges?idempotency_key=K        the charge that K's request created or acted
+ *                                             on, as it is now (for recovery)
+ *   GET  /v1/ledger                           {charges: how many, data: every charge}
  *   POST /_config {latency_ms, fail_rate, reset_rate, timeout_rate, rate_limit_rate,
+ *                  callback_jitter_ms, callback_duplicate_rate,
  *                  refuse_ms: refuse connections for that long}
- *   POST /_reset                               forget every charge
+ *   POST /_reset                              forget every charge and pending callback
+ * A refused capture or cancel is 400 {error: {message, code: charge_not_capturable |
+ * charge_not_cancelable}, charge: <the charge now>}.
+ * Statuses: requires_action (3-D Secure) -> succeeded | requires_capture | failed,
+ * requires_capture -> succeeded | pending (async capture) | canceled, pending -> succeeded;
+ * the table sim_moves is the only place that says so.
  * With --key, every /v1 call but the ledger needs "Authorization: Bearer KEY" (401 otherwise).
- * With --callback-url and --callback-secret, a charge that needs the customer's action
- * succeeds --callback-delay-ms later (500 by default) and a signed charge.succeeded
- * callback (Gateway-Signature: t=...,v1=HMAC-SHA256(secret, t "." body)) is POSTed there,
- * again every second until it gets a 2xx (10 tries). With --async-capture as well, a capture
- * answers "pending" and settles the same way later (a charge.captured callback).
- * Test payment methods use Stripe's names: pm_card_visa and other cards
- * succeed, pm_card_chargeDeclined and pm_card_insufficientFunds decline,
- * pm_card_authenticationRequired needs action. Fault injection (by flag or
- * /_config): added latency, a share of 503 answers sent before processing
- * (marked "processed": false), 429 answers with Retry-After: 1, resets and
- * timeouts after the charge was taken (the ambiguous cases). Calls libevent, jansson, ids.
+ * With --callback-url and --callback-secret, a charge that needs the customer's action settles
+ * --callback-delay-ms later (500 by default) if it still needs it, and a signed callback
+ * (Gateway-Signature: t=...,v1=HMAC-SHA256(secret, t "." body)) tells the outcome:
+ * charge.succeeded (captured, or only authorized when capture was false) or charge.failed.
+ * With --async-capture as well, a capture answers "pending" and settles the same way later
+ * (charge.captured). Each callback waits a further random 0..--callback-jitter-ms, a share
+ * (--callback-duplicate-rate) is sent twice with the same event id, and each is retried every
+ * second until it gets a 2xx (--callback-tries, 30 by default). The event is built from the
+ * charge when first sent; a charge that moved on before then gets none. Without callbacks a
+ * charge that needs action keeps needing it until it is canceled.
+ * Test payment methods use Stripe's names: pm_card_visa and other cards succeed,
+ * pm_card_chargeDeclined and pm_card_insufficientFunds decline, pm_card_authenticationRequired
+ * and pm_card_threeDSecureRequired need action, and
+ * pm_card_authenticationRequiredChargeDeclinedInsufficientFunds needs action then declines.
+ * Fault injection (by flag or /_config) applies to every /v1 POST alike: added latency, a
+ * share of 503 answers sent before processing (marked "processed": false), 429 answers with
+ * Retry-After: 1, and resets and timeouts after the operation was done (the ambiguous cases;
+ * a swallowed answer's connection closes when the client hangs up, or after 10 minutes).
+ * A bad flag exits with 2; a bad request gets a 4xx. Calls libevent, jansson, crypto, ids, net.
  */
+#include <errno.h>
 #include <event2/buffer.h>
+#include <event2/bufferevent.h>
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
@@ -36,7 +57,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #include "crypto.h"
@@ -44,46 +67,111 @@
 #include "net.h"
 #include "xmalloc.h"
 
+/* How long an answer the timeout fault swallows keeps its connection when
+ * the client does not hang up first: longer than any client waits (paymentd
+ * allows GATEWAY_TIMEOUT_MS up to 10 minutes), short enough that a long run
+ * under load does not pile up sockets. */
+#define SIM_HOLD_MS 600000
+/* A callback receiver that does not answer within this counts as a failed try. */
+#define SIM_CALLBACK_TIMEOUT_S 5
+
+struct pending;
+struct settle;
+struct callback;
+
 struct sim {
     struct event_base *base;
     json_t *charges; /* id -> charge */
-    json_t *by_key;  /* idempotency key -> {hash, code, body, charge} */
+    json_t *by_key;  /* idempotency key -> {hash, code, body, charge: id or null} */
     json_t *ordered; /* charge ids in creation order */
     long latency_ms;
-    int fail_rate, reset_rate, timeout_rate, rate_limit_rate; /* percent */
+    long fail_rate, reset_rate, timeout_rate, rate_limit_rate; /* percent */
     long long charges_made;
     struct evhttp *http;
     struct evhttp_bound_socket *listener; /* NULL while refusing connections */
     const char *bind;
     int port;
     struct event *refuse_timer;
-    const char *callback_url;    /* --callback-url: where asynchronous outcomes are sent */
-    const char *callback_secret; /* --callback-secret: signs them */
-    long callback_delay_ms;      /* --callback-delay-ms: when the customer "authenticates" */
-    bool async_capture;          /* --async-capture: captures settle later, by callback */
-    const char *key; /* --key: the Bearer token every /v1 call but the ledger must carry */
+    const char *callback_url;        /* --callback-url: where asynchronous outcomes are sent */
+    struct evhttp_uri *callback_uri; /* callback_url, parsed at start */
+    const char *callback_secret;     /* --callback-secret: signs them */
+    long callback_delay_ms;          /* --callback-delay-ms: when the customer "authenticates" */
+    long callback_jitter_ms;         /* --callback-jitter-ms: extra random wait per callback */
+    long callback_duplicate_rate;    /* --callback-duplicate-rate: percent sent twice */
+    long callback_tries;             /* --callback-tries: sends before giving up */
+    bool async_capture;              /* --async-capture: captures settle later, by callback */
+    const char *key;     /* --key: the Bearer token every /v1 call but the ledger must carry */
+    unsigned generation; /* bumped by /_reset: older callbacks are dropped */
+    LIST_HEAD(, pending) pendings;
+    LIST_HEAD(, settle) settles;
+    LIST_HEAD(, callback) callbacks;
 };
 
 static struct sim sim;
 
+/* ---- small helpers ---- */
+
+static unsigned
+sim_random(unsigned below)
+{
+    uint32_t r = 0;
+    if (below == 0 || getrandom(&r, sizeof(r), 0) != sizeof(r))
+        return 0;
+    return r % below;
+}
+
+static int
+sim_roll(long percent)
+{
+    return percent > 0 && (long)sim_random(100) < percent;
+}
+
+static json_int_t
+sim_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (json_int_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void
+sim_timer_add(struct event *ev, long ms)
+{
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    evtimer_add(ev, &tv);
+}
+
+static json_int_t
+sim_int(json_t *o, const char *field)
+{
+    return json_integer_value(json_object_get(o, field));
+}
+
+static const char *
+sim_str(json_t *o, const char *field)
+{
+    return json_string_value(json_object_get(o, field));
+}
+
+/* ---- answers: latency, resets and swallowed answers ---- */
+
+enum answer_how {
+    ANSWER_SEND,  /* after the latency */
+    ANSWER_RESET, /* close the connection instead */
+    ANSWER_HOLD,  /* never answer: close when the client gives up, or after SIM_HOLD_MS */
+};
+
+/* An answer waiting for its moment; owns nothing of the request, which
+ * libevent frees once the answer is sent or the connection closed. */
 struct pending {
     struct evhttp_request *req;
     int code;
     char *body;
-    bool reset;
+    enum answer_how how;
     struct event *timer;
+    struct event *watch; /* ANSWER_HOLD: readable when the client hangs up */
+    LIST_ENTRY(pending) link;
 };
-
-static int
-sim_roll(int percent)
-{
-    uint32_t r = 0;
-    if (percent <= 0)
-        return 0;
-    if (getrandom(&r, sizeof(r), 0) != sizeof(r))
-        return 0;
-    return (int)(r % 100) < percent;
-}
 
 static void
 sim_send_now(struct evhttp_request *req, int code, const char *body)
@@ -96,58 +184,131 @@ sim_send_now(struct evhttp_request *req, int code, const char *body)
 }
 
 static void
+sim_pending_free(struct pending *p)
+{
+    LIST_REMOVE(p, link);
+    event_free(p->timer);
+    if (p->watch)
+        event_free(p->watch);
+    free(p->body);
+    free(p);
+}
+
+/* Closes the request's connection without an answer: the caller cannot know
+ * what happened. Freeing the connection frees the request too. */
+static void
+sim_close(struct evhttp_request *req)
+{
+    struct evhttp_connection *conn = evhttp_request_get_connection(req);
+    if (conn)
+        evhttp_connection_free(conn);
+    else
+        evhttp_request_free(req); /* libevent let go of it: it is ours */
+}
+
+/* Sends the answer or closes the connection, then forgets p. The watch goes
+ * first, while its socket is still open. */
+static void
+sim_pending_finish(struct pending *p)
+{
+    if (p->watch) {
+        event_free(p->watch);
+        p->watch = NULL;
+    }
+    if (p->how == ANSWER_SEND)
+        sim_send_now(p->req, p->code, p->body);
+    else
+        sim_close(p->req);
+    sim_pending_free(p);
+}
+
+static void
 sim_on_delay(evutil_socket_t fd, short what, void *arg)
 {
     struct pending *p = arg;
     (void)fd;
     (void)what;
-    if (p->reset) {
-        /* Close the connection without an answer: the caller cannot know. */
-        struct evhttp_connection *conn = evhttp_request_get_connection(p->req);
-        if (conn)
-            evhttp_connection_free(conn);
-    } else {
-        sim_send_now(p->req, p->code, p->body);
-    }
-    event_free(p->timer);
-    free(p->body);
-    free(p);
+    sim_pending_finish(p);
 }
 
-/* Answers after the configured latency, or never (timeout), or with a reset. */
+/* The socket of a swallowed answer became readable. libevent does not read
+ * while a request waits for its answer, so without this watch a client that
+ * gave up would keep its socket open here until SIM_HOLD_MS. */
+static void
+sim_on_hold_read(evutil_socket_t fd, short what, void *arg)
+{
+    struct pending *p = arg;
+    char c;
+    (void)what;
+    ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+        event_add(p->watch, NULL);
+        return;
+    }
+    /* More data (a pipelined request) says nothing: hold until the timer.
+     * End of file or an error: the client is gone, so close. */
+    if (n <= 0)
+        sim_pending_finish(p);
+}
+
+static void
+sim_hold_watch(struct pending *p)
+{
+    struct evhttp_connection *conn = evhttp_request_get_connection(p->req);
+    struct bufferevent *bev = conn ? evhttp_connection_get_bufferevent(conn) : NULL;
+    evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
+    if (fd < 0)
+        return;
+    p->watch = event_new(sim.base, fd, EV_READ, sim_on_hold_read, p);
+    event_add(p->watch, NULL);
+}
+
+static void
+sim_pending_start(struct evhttp_request *req, int code, const char *body, enum answer_how how,
+                  long delay_ms)
+{
+    struct pending *p = xcalloc(1, sizeof(*p));
+    p->req = req;
+    p->code = code;
+    p->body = xstrdup(body ? body : "");
+    p->how = how;
+    p->timer = evtimer_new(sim.base, sim_on_delay, p);
+    LIST_INSERT_HEAD(&sim.pendings, p, link);
+    if (how == ANSWER_HOLD)
+        sim_hold_watch(p);
+    sim_timer_add(p->timer, delay_ms);
+}
+
+/* Answers after the configured latency; with faults, sometimes never
+ * (timeout) or with a reset, though the operation was done. */
 static void
 sim_answer(struct evhttp_request *req, int code, const char *body, bool faults)
 {
-    struct pending *p = xcalloc(1, sizeof(*p));
-    long delay = sim.latency_ms;
-    p->req = req;
-    p->code = code;
-    p->body = xstrdup(body);
     if (faults && sim_roll(sim.timeout_rate))
-        delay = 3600000; /* the client gives up long before */
+        sim_pending_start(req, code, body, ANSWER_HOLD, SIM_HOLD_MS);
     else if (faults && sim_roll(sim.reset_rate))
-        p->reset = true;
-    p->timer = evtimer_new(sim.base, sim_on_delay, p);
-    struct timeval tv = {delay / 1000, (delay % 1000) * 1000};
-    evtimer_add(p->timer, &tv);
+        sim_pending_start(req, code, body, ANSWER_RESET, sim.latency_ms);
+    else
+        sim_pending_start(req, code, body, ANSWER_SEND, sim.latency_ms);
 }
 
 /* Closes the request's connection without reading or answering it. */
 static void
 sim_drop(struct evhttp_request *req)
 {
-    struct pending *p = xcalloc(1, sizeof(*p));
-    p->req = req;
-    p->reset = true;
-    p->timer = evtimer_new(sim.base, sim_on_delay, p);
-    struct timeval tv = {0, 0};
-    evtimer_add(p->timer, &tv);
+    sim_pending_start(req, 0, NULL, ANSWER_RESET, 0);
+}
+
+static json_t *
+sim_error_json(const char *message)
+{
+    return json_pack("{s:{s:s}}", "error", "message", message);
 }
 
 static void
 sim_error(struct evhttp_request *req, int code, const char *message)
 {
-    json_t *o = json_pack("{s:{s:s}}", "error", "message", message);
+    json_t *o = sim_error_json(message);
     char *text = json_dumps(o, JSON_COMPACT);
     sim_answer(req, code, text, false);
     free(text);
@@ -169,246 +330,521 @@ sim_body(struct evhttp_request *req)
     return o;
 }
 
-/* ---- callbacks: outcomes that come after the answer ---- */
+/* ---- the charge state machine ---- */
 
-struct callback {
-    char *charge_id;
-    const char *type; /* charge.succeeded (authenticated) or charge.captured (settled) */
-    char *body;       /* set once the outcome is decided */
-    int tries;
-    struct event *timer;
+enum op { OP_CREATE, OP_CAPTURE, OP_CANCEL, OP_REFUND, OP_SETTLE };
+
+static const char *const sim_op_names[] = {"create", "capture", "cancel", "refund", "settle"};
+
+/* Every status change a charge may make, and by which operation. A new
+ * charge has no status yet (from NULL). Refunds keep a charge succeeded. */
+static const struct move {
+    enum op op;
+    const char *from, *to;
+} sim_moves[] = {
+    {OP_CREATE, NULL, "succeeded"},
+    {OP_CREATE, NULL, "requires_capture"},
+    {OP_CREATE, NULL, "requires_action"},
+    {OP_CREATE, NULL, "failed"},
+    {OP_SETTLE, "requires_action", "succeeded"},
+    {OP_SETTLE, "requires_action", "requires_capture"},
+    {OP_SETTLE, "requires_action", "failed"},
+    {OP_CAPTURE, "requires_capture", "succeeded"},
+    {OP_CAPTURE, "requires_capture", "pending"},
+    {OP_SETTLE, "pending", "succeeded"},
+    {OP_CANCEL, "requires_capture", "canceled"},
+    {OP_CANCEL, "requires_action", "canceled"},
+    {OP_REFUND, "succeeded", "succeeded"},
 };
 
-static void sim_callback_send(struct callback *cb);
+static bool
+sim_same(const char *a, const char *b)
+{
+    return a == b || (a && b && strcmp(a, b) == 0);
+}
+
+/* True when op may be applied to a charge in status from. */
+static bool
+sim_can(enum op op, const char *from)
+{
+    for (size_t i = 0; i < sizeof(sim_moves) / sizeof(sim_moves[0]); i++)
+        if (sim_moves[i].op == op && sim_same(sim_moves[i].from, from))
+            return true;
+    return false;
+}
+
+/* Moves the charge to status to and records the operation. Callers check
+ * sim_can() first, so a move outside the table is our own bug. */
+static void
+sim_move(json_t *ch, enum op op, const char *to, const char *key, json_int_t amount)
+{
+    const char *from = sim_str(ch, "status");
+    bool known = false;
+    for (size_t i = 0; i < sizeof(sim_moves) / sizeof(sim_moves[0]) && !known; i++)
+        known = sim_moves[i].op == op && sim_same(sim_moves[i].from, from) &&
+                strcmp(sim_moves[i].to, to) == 0;
+    if (!known) {
+        fprintf(stderr, "gatewaysim: %s cannot move a charge from %s to %s\n", sim_op_names[op],
+                from ? from : "(new)", to);
+        abort();
+    }
+    json_object_set_new(ch, "status", json_string(to));
+    json_array_append_new(json_object_get(ch, "operations"),
+                          json_pack("{s:s,s:o,s:I,s:s,s:I}", "op", sim_op_names[op], "key",
+                                    key ? json_string(key) : json_null(), "amount", amount,
+                                    "status", to, "at_ms", sim_now_ms()));
+}
+
+/* Test payment methods; any other name is a card that pays. */
+static const struct method {
+    const char *name;
+    bool needs_action;        /* 3-D Secure first */
+    const char *decline_code; /* NULL: the card pays */
+    const char *message;
+} sim_methods[] = {
+    {"pm_card_chargeDeclined", false, "generic_decline", "Your card was declined."},
+    {"pm_card_visa_chargeDeclined", false, "generic_decline", "Your card was declined."},
+    {"pm_card_insufficientFunds", false, "insufficient_funds", "Your card has insufficient funds."},
+    {"pm_card_visa_chargeDeclinedInsufficientFunds", false, "insufficient_funds",
+     "Your card has insufficient funds."},
+    {"pm_card_authenticationRequired", true, NULL, NULL},
+    {"pm_card_threeDSecureRequired", true, NULL, NULL},
+    {"pm_card_authenticationRequiredChargeDeclinedInsufficientFunds", true, "insufficient_funds",
+     "Your card has insufficient funds."},
+};
+
+static const struct method *
+sim_method(const char *name)
+{
+    static const struct method pays = {"", false, NULL, NULL};
+    for (size_t i = 0; i < sizeof(sim_methods) / sizeof(sim_methods[0]); i++)
+        if (strcmp(sim_methods[i].name, name) == 0)
+            return &sim_methods[i];
+    return &pays;
+}
+
+/* The card's outcome once nothing stands in the way (at creation, or when
+ * the customer has authenticated): declined, authorized, or charged. */
+static void
+sim_decide(json_t *ch, enum op op, const char *key)
+{
+    const struct method *m = sim_method(sim_str(ch, "payment_method"));
+    json_int_t amt = sim_int(ch, "amount");
+    if (m->decline_code) {
+        json_object_set_new(ch, "failure_code", json_string("card_declined"));
+        json_object_set_new(ch, "decline_code", json_string(m->decline_code));
+        json_object_set_new(ch, "failure_message", json_string(m->message));
+        sim_move(ch, op, "failed", key, op == OP_CREATE ? amt : 0);
+        return;
+    }
+    json_object_set_new(ch, "amount_authorized", json_integer(amt));
+    if (json_is_true(json_object_get(ch, "capture"))) {
+        json_object_set_new(ch, "captured", json_true());
+        json_object_set_new(ch, "amount_captured", json_integer(amt));
+        sim_move(ch, op, "succeeded", key, amt);
+    } else {
+        sim_move(ch, op, "requires_capture", key, amt);
+    }
+}
+
+/* ---- callbacks: outcomes that come after the answer ---- */
+
+/* One delivery of one event. The body is built when it is first sent and
+ * then resent unchanged (a retry or a duplicate is the same event). */
+struct callback {
+    char *charge_id;
+    const char *type; /* charge.succeeded, charge.failed or charge.captured */
+    char *expect;     /* the status the settlement left; another one at first send: nothing */
+    char *body;       /* NULL until first sent */
+    long tries;
+    bool done; /* answered 2xx, or given up: freed on the next timer turn */
+    unsigned generation;
+    struct event *timer;
+    struct evhttp_connection *conn; /* the last try's; freed outside its callbacks */
+    LIST_ENTRY(callback) link;
+};
+
+static void sim_on_callback_timer(evutil_socket_t fd, short what, void *arg);
+
+static bool
+sim_callbacks_on(void)
+{
+    return sim.callback_uri && sim.callback_secret;
+}
 
 static void
 sim_callback_free(struct callback *cb)
 {
+    LIST_REMOVE(cb, link);
     event_free(cb->timer);
+    if (cb->conn)
+        evhttp_connection_free(cb->conn);
     free(cb->charge_id);
+    free(cb->expect);
     free(cb->body);
     free(cb);
 }
 
 static void
-sim_callback_retry(struct callback *cb)
+sim_callback_new(const char *charge_id, const char *type, const char *expect, const char *body,
+                 long delay_ms)
 {
-    if (++cb->tries >= 10) {
-        fprintf(stderr, "gatewaysim: callback for %s given up\n", cb->charge_id);
-        sim_callback_free(cb);
-        return;
-    }
-    struct timeval tv = {1, 0};
-    evtimer_add(cb->timer, &tv);
+    struct callback *cb = xcalloc(1, sizeof(*cb));
+    cb->charge_id = xstrdup(charge_id);
+    cb->type = type;
+    cb->expect = xstrdup(expect); /* the charge's own string changes with its status */
+    cb->body = body ? xstrdup(body) : NULL;
+    cb->generation = sim.generation;
+    cb->timer = evtimer_new(sim.base, sim_on_callback_timer, cb);
+    LIST_INSERT_HEAD(&sim.callbacks, cb, link);
+    sim_timer_add(cb->timer, delay_ms);
 }
 
+/* Called by libevent when the receiver answered, failed or timed out;
+ * possibly from inside evhttp_make_request (a refused local connection).
+ * It only decides what comes next: the connection is still libevent's to
+ * touch, so the timer frees it on a later turn. */
 static void
 sim_on_callback_answer(struct evhttp_request *req, void *arg)
 {
     struct callback *cb = arg;
     int code = req ? evhttp_request_get_response_code(req) : 0;
-    if (code >= 200 && code < 300)
-        sim_callback_free(cb);
-    else
-        sim_callback_retry(cb);
+    if (code >= 200 && code < 300) {
+        cb->done = true;
+    } else if (++cb->tries >= sim.callback_tries) {
+        fprintf(stderr, "gatewaysim: callback for %s given up after %ld tries\n", cb->charge_id,
+                cb->tries);
+        cb->done = true;
+    }
+    sim_timer_add(cb->timer, cb->done ? 0 : 1000);
 }
 
 static void
 sim_callback_send(struct callback *cb)
 {
-    struct evhttp_uri *uri = evhttp_uri_parse(sim.callback_url);
-    if (!uri || !evhttp_uri_get_host(uri)) {
-        fprintf(stderr, "gatewaysim: bad --callback-url\n");
-        evhttp_uri_free(uri);
-        sim_callback_free(cb);
-        return;
-    }
-    int port = evhttp_uri_get_port(uri) > 0 ? evhttp_uri_get_port(uri) : 80;
-    struct evhttp_connection *conn =
-        evhttp_connection_base_new(sim.base, NULL, evhttp_uri_get_host(uri), (uint16_t)port);
+    const char *host = evhttp_uri_get_host(sim.callback_uri);
+    int port =
+        evhttp_uri_get_port(sim.callback_uri) > 0 ? evhttp_uri_get_port(sim.callback_uri) : 80;
+    const char *path = evhttp_uri_get_path(sim.callback_uri);
+    char t[24], sig[65], header[200];
+
+    cb->conn = evhttp_connection_base_new(sim.base, NULL, host, (uint16_t)port);
+    evhttp_connection_set_timeout(cb->conn, SIM_CALLBACK_TIMEOUT_S);
     struct evhttp_request *req = evhttp_request_new(sim_on_callback_answer, cb);
-    char t[24], payload_sig[65], header[200];
     snprintf(t, sizeof(t), "%lld", (long long)time(NULL));
     char *payload = xasprintf("%s.%s", t, cb->body);
     crypto_hmac_sha256_hex(sim.callback_secret, strlen(sim.callback_secret), payload,
-                           strlen(payload), payload_sig);
+                           strlen(payload), sig);
     free(payload);
-    snprintf(header, sizeof(header), "t=%s,v1=%s", t, payload_sig);
+    snprintf(header, sizeof(header), "t=%s,v1=%s", t, sig);
     struct evkeyvalq *h = evhttp_request_get_output_headers(req);
-    evhttp_add_header(h, "Host", evhttp_uri_get_host(uri));
+    evhttp_add_header(h, "Host", host);
     evhttp_add_header(h, "Content-Type", "application/json");
     evhttp_add_header(h, "Gateway-Signature", header);
     evbuffer_add(evhttp_request_get_output_buffer(req), cb->body, strlen(cb->body));
-    const char *path = evhttp_uri_get_path(uri);
-    evhttp_make_request(conn, req, EVHTTP_REQ_POST, path && *path ? path : "/");
-    evhttp_connection_free_on_completion(conn);
-    evhttp_uri_free(uri);
+    if (evhttp_make_request(cb->conn, req, EVHTTP_REQ_POST, path && *path ? path : "/") < 0) {
+        /* Not queued and not answered: the request is still ours. */
+        evhttp_request_free(req);
+        sim_on_callback_answer(NULL, cb);
+    }
 }
 
-/* The customer finished authenticating: the charge succeeds, and the
- * gateway says so with a signed callback. */
+/* Builds the event from the charge as it is now, when it is first sent;
+ * false when the charge is gone (reset) or has moved on since it settled. */
+static bool
+sim_callback_build(struct callback *cb)
+{
+    json_t *ch = json_object_get(sim.charges, cb->charge_id);
+    if (!ch || !sim_same(sim_str(ch, "status"), cb->expect))
+        return false;
+    char id[64];
+    ids_random(id, sizeof(id), "gwevt_", 12);
+    json_t *ev = json_pack("{s:s,s:s,s:I,s:{s:O}}", "id", id, "type", cb->type, "created",
+                           (json_int_t)time(NULL), "data", "object", ch);
+    cb->body = json_dumps(ev, JSON_COMPACT);
+    json_decref(ev);
+    if (sim_roll(sim.callback_duplicate_rate))
+        sim_callback_new(cb->charge_id, cb->type, cb->expect, cb->body, (long)sim_random(1001));
+    return true;
+}
+
 static void
 sim_on_callback_timer(evutil_socket_t fd, short what, void *arg)
 {
     struct callback *cb = arg;
     (void)fd;
     (void)what;
-    if (!cb->body) {
-        json_t *ch = json_object_get(sim.charges, cb->charge_id);
-        if (!ch) {
-            sim_callback_free(cb);
-            return;
-        }
-        json_int_t amt = json_integer_value(json_object_get(ch, "amount"));
-        if (json_is_integer(json_object_get(ch, "amount_to_capture")))
-            amt = json_integer_value(json_object_get(ch, "amount_to_capture"));
-        json_object_set_new(ch, "status", json_string("succeeded"));
-        json_object_set_new(ch, "captured", json_true());
-        json_object_set_new(ch, "amount_captured", json_integer(amt));
-        char id[64];
-        ids_random(id, sizeof(id), "gwevt_", 12);
-        json_t *ev = json_pack("{s:s,s:s,s:I,s:{s:O}}", "id", id, "type", cb->type, "created",
-                               (json_int_t)time(NULL), "data", "object", ch);
-        cb->body = json_dumps(ev, JSON_COMPACT);
-        json_decref(ev);
+    if (cb->conn) {
+        evhttp_connection_free(cb->conn);
+        cb->conn = NULL;
+    }
+    if (cb->done || cb->generation != sim.generation || (!cb->body && !sim_callback_build(cb))) {
+        sim_callback_free(cb);
+        return;
     }
     sim_callback_send(cb);
 }
 
+/* ---- settlements: the customer authenticates, a pending capture clears ---- */
+
+struct settle {
+    char *charge_id;
+    const char *from; /* requires_action or pending: settles only if still so */
+    struct event *timer;
+    LIST_ENTRY(settle) link;
+};
+
 static void
-sim_callback_schedule(const char *charge_id, const char *type)
+sim_settle_free(struct settle *s)
 {
-    if (!sim.callback_url || !sim.callback_secret)
-        return;
-    struct callback *cb = xcalloc(1, sizeof(*cb));
-    cb->charge_id = xstrdup(charge_id);
-    cb->type = type;
-    cb->timer = evtimer_new(sim.base, sim_on_callback_timer, cb);
-    struct timeval tv = {sim.callback_delay_ms / 1000, (sim.callback_delay_ms % 1000) * 1000};
-    evtimer_add(cb->timer, &tv);
+    LIST_REMOVE(s, link);
+    event_free(s->timer);
+    free(s->charge_id);
+    free(s);
+}
+
+/* The charge settles if it is still waiting (it may have been canceled, or
+ * forgotten by /_reset), then a callback tells the outcome. */
+static void
+sim_on_settle(evutil_socket_t fd, short what, void *arg)
+{
+    struct settle *s = arg;
+    (void)fd;
+    (void)what;
+    json_t *ch = json_object_get(sim.charges, s->charge_id);
+    const char *type = NULL;
+    if (ch && sim_same(sim_str(ch, "status"), s->from) && strcmp(s->from, "pending") == 0) {
+        json_int_t amt = sim_int(ch, "amount_to_capture");
+        json_object_set_new(ch, "captured", json_true());
+        json_object_set_new(ch, "amount_captured", json_integer(amt));
+        sim_move(ch, OP_SETTLE, "succeeded", NULL, amt);
+        type = "charge.captured";
+    } else if (ch && sim_same(sim_str(ch, "status"), s->from)) {
+        sim_decide(ch, OP_SETTLE, NULL);
+        type = strcmp(sim_str(ch, "status"), "failed") == 0 ? "charge.failed" : "charge.succeeded";
+    }
+    if (type)
+        sim_callback_new(s->charge_id, type, sim_str(ch, "status"), NULL,
+                         (long)sim_random((unsigned)sim.callback_jitter_ms + 1));
+    sim_settle_free(s);
+}
+
+static void
+sim_settle_schedule(const char *charge_id, const char *from)
+{
+    struct settle *s = xcalloc(1, sizeof(*s));
+    s->charge_id = xstrdup(charge_id);
+    s->from = from;
+    s->timer = evtimer_new(sim.base, sim_on_settle, s);
+    LIST_INSERT_HEAD(&sim.settles, s, link);
+    sim_timer_add(s->timer, sim.callback_delay_ms);
 }
 
 /* ---- operations ---- */
 
-static json_t *
-sim_new_charge(json_t *body, const char *key, int *code)
+/* What a POST did: the answer, and the charge it created or named (NULL
+ * when none), which its idempotency key then leads to. */
+struct outcome {
+    int code;
+    json_t *body;
+    const char *charge_id;
+};
+
+static struct outcome
+sim_fail(int code, const char *message)
+{
+    return (struct outcome){code, sim_error_json(message), NULL};
+}
+
+/* A refused capture or cancel: the error and the charge as it is. */
+static struct outcome
+sim_refuse(json_t *ch, const char *code, const char *message)
+{
+    return (struct outcome){
+        400,
+        json_pack("{s:{s:s,s:s},s:O}", "error", "message", message, "code", code, "charge", ch),
+        sim_str(ch, "id")};
+}
+
+static struct outcome
+sim_new_charge(json_t *body, const char *key)
 {
     char id[64];
     json_t *amount = json_object_get(body, "amount");
-    const char *currency = json_string_value(json_object_get(body, "currency"));
-    const char *pm = json_string_value(json_object_get(body, "payment_method"));
+    json_t *metadata = json_object_get(body, "metadata");
+    const char *currency = sim_str(body, "currency");
+    const char *pm = sim_str(body, "payment_method");
     bool capture = !json_is_false(json_object_get(body, "capture"));
-    if (!json_is_integer(amount) || json_integer_value(amount) <= 0 || !currency || !pm) {
-        *code = 400;
-        return json_pack("{s:{s:s}}", "error", "message",
-                         "amount, currency and payment_method are required");
-    }
+    if (!json_is_integer(amount) || json_integer_value(amount) <= 0 || !currency || !pm)
+        return sim_fail(400, "amount, currency and payment_method are required");
+    if (metadata && !json_is_object(metadata))
+        return sim_fail(400, "metadata must be an object");
     ids_time_ordered(id, sizeof(id), "ch_", 8);
-    json_int_t amt = json_integer_value(amount);
-    json_t *ch =
-        json_pack("{s:s,s:s,s:I,s:s,s:s,s:I,s:I,s:b}", "id", id, "object", "charge", "amount", amt,
-                  "currency", currency, "payment_method", pm, "amount_captured", (json_int_t)0,
-                  "amount_refunded", (json_int_t)0, "captured", 0);
-    const char *status = capture ? "succeeded" : "requires_capture";
-    if (strcmp(pm, "pm_card_chargeDeclined") == 0 ||
-        strcmp(pm, "pm_card_visa_chargeDeclined") == 0) {
-        status = "failed";
-        json_object_set_new(ch, "failure_code", json_string("card_declined"));
-        json_object_set_new(ch, "decline_code", json_string("generic_decline"));
-        json_object_set_new(ch, "failure_message", json_string("Your card was declined."));
-    } else if (strcmp(pm, "pm_card_insufficientFunds") == 0 ||
-               strcmp(pm, "pm_card_visa_chargeDeclinedInsufficientFunds") == 0) {
-        status = "failed";
-        json_object_set_new(ch, "failure_code", json_string("card_declined"));
-        json_object_set_new(ch, "decline_code", json_string("insufficient_funds"));
-        json_object_set_new(ch, "failure_message",
-                            json_string("Your card has insufficient funds."));
-    } else if (strcmp(pm, "pm_card_authenticationRequired") == 0 ||
-               strcmp(pm, "pm_card_threeDSecureRequired") == 0) {
-        status = "requires_action";
-        if (capture)
-            sim_callback_schedule(id, "charge.succeeded");
-    } else if (capture) {
-        json_object_set_new(ch, "amount_captured", json_integer(amt));
-        json_object_set_new(ch, "captured", json_true());
+    json_t *ch = json_pack("{s:s,s:s,s:I,s:s,s:s,s:b,s:n,s:b,s:I,s:I,s:I,s:b,s:o,s:o,s:I,s:[]}",
+                           "id", id, "object", "charge", "amount", json_integer_value(amount),
+                           "currency", currency, "payment_method", pm, "capture", capture, "status",
+                           "captured", 0, "amount_authorized", (json_int_t)0, "amount_captured",
+                           (json_int_t)0, "amount_refunded", (json_int_t)0, "voided", 0,
+                           "idempotency_key", key ? json_string(key) : json_null(), "metadata",
+                           metadata ? json_deep_copy(metadata) : json_object(), "created",
+                           (json_int_t)time(NULL), "operations");
+    if (sim_method(pm)->needs_action) {
+        sim_move(ch, OP_CREATE, "requires_action", key, json_integer_value(amount));
+        /* Without callbacks nobody could learn the outcome: it waits for a cancel. */
+        if (sim_callbacks_on())
+            sim_settle_schedule(id, "requires_action");
+    } else {
+        sim_decide(ch, OP_CREATE, key);
     }
-    json_object_set_new(ch, "status", json_string(status));
-    json_object_set_new(ch, "idempotency_key", key ? json_string(key) : json_null());
-    json_object_set(sim.charges, id, ch);
+    json_object_set_new(sim.charges, id, ch);
     json_array_append_new(sim.ordered, json_string(id));
     sim.charges_made++;
-    *code = 200;
-    return ch;
+    return (struct outcome){200, json_incref(ch), sim_str(ch, "id")};
 }
 
-static json_t *
-sim_capture(json_t *ch, json_t *body, int *code)
+static struct outcome
+sim_capture(json_t *ch, json_t *body, const char *key)
 {
-    const char *status = json_string_value(json_object_get(ch, "status"));
-    json_int_t amt = json_integer_value(json_object_get(ch, "amount"));
+    const char *status = sim_str(ch, "status");
+    json_int_t held = sim_int(ch, "amount_authorized");
     json_t *want = json_object_get(body, "amount");
-    json_int_t cap = json_is_integer(want) ? json_integer_value(want) : amt;
-    if (strcmp(status, "requires_capture") != 0 || cap <= 0 || cap > amt) {
-        *code = 400;
-        return json_pack("{s:{s:s}}", "error", "message", "charge cannot be captured");
-    }
-    if (sim.async_capture && sim.callback_url && sim.callback_secret) {
+    if (!sim_can(OP_CAPTURE, status))
+        return sim_refuse(ch, "charge_not_capturable",
+                          "only a requires_capture charge can be "
+                          "captured");
+    if (want && !json_is_integer(want))
+        return sim_refuse(ch, "charge_not_capturable", "amount must be an integer");
+    json_int_t cap = want ? json_integer_value(want) : held;
+    if (cap <= 0 || cap > held)
+        return sim_refuse(ch, "charge_not_capturable",
+                          "amount must be positive and at most amount_authorized");
+    if (sim.async_capture && sim_callbacks_on()) {
         /* Accepted now, settled later: the answer says pending and a
          * charge.captured callback follows. */
-        json_object_set_new(ch, "status", json_string("pending"));
         json_object_set_new(ch, "amount_to_capture", json_integer(cap));
-        sim_callback_schedule(json_string_value(json_object_get(ch, "id")), "charge.captured");
-        *code = 200;
-        return json_incref(ch);
+        sim_move(ch, OP_CAPTURE, "pending", key, cap);
+        sim_settle_schedule(sim_str(ch, "id"), "pending");
+    } else {
+        json_object_set_new(ch, "captured", json_true());
+        json_object_set_new(ch, "amount_captured", json_integer(cap));
+        sim_move(ch, OP_CAPTURE, "succeeded", key, cap);
     }
-    json_object_set_new(ch, "status", json_string("succeeded"));
-    json_object_set_new(ch, "captured", json_true());
-    json_object_set_new(ch, "amount_captured", json_integer(cap));
-    *code = 200;
-    return json_incref(ch);
+    return (struct outcome){200, json_incref(ch), sim_str(ch, "id")};
 }
 
-static json_t *
-sim_cancel(json_t *ch, int *code)
+/* Voids the authorization. amount_authorized stays as the record of what
+ * was held; status canceled says it no longer is. */
+static struct outcome
+sim_cancel(json_t *ch, const char *key)
 {
-    const char *status = json_string_value(json_object_get(ch, "status"));
-    if (strcmp(status, "requires_capture") != 0 && strcmp(status, "requires_action") != 0) {
-        *code = 400;
-        return json_pack("{s:{s:s}}", "error", "message", "charge cannot be canceled");
-    }
-    json_object_set_new(ch, "status", json_string("canceled"));
-    *code = 200;
-    return json_incref(ch);
+    if (!sim_can(OP_CANCEL, sim_str(ch, "status")))
+        return sim_refuse(ch, "charge_not_cancelable",
+                          "only a requires_capture or requires_action charge can be canceled");
+    json_object_set_new(ch, "voided", json_true());
+    sim_move(ch, OP_CANCEL, "canceled", key, sim_int(ch, "amount_authorized"));
+    return (struct outcome){200, json_incref(ch), sim_str(ch, "id")};
 }
 
-static json_t *
-sim_refund(json_t *body, int *code)
+static struct outcome
+sim_refund(json_t *body, const char *key)
 {
-    json_t *ch =
-        json_object_get(sim.charges, json_string_value(json_object_get(body, "charge"))
-                                         ? json_string_value(json_object_get(body, "charge"))
-                                         : "");
+    const char *charge = sim_str(body, "charge");
+    json_t *ch = json_object_get(sim.charges, charge ? charge : "");
     json_t *want = json_object_get(body, "amount");
-    if (!ch) {
-        *code = 404;
-        return json_pack("{s:{s:s}}", "error", "message", "no such charge");
-    }
-    json_int_t captured = json_integer_value(json_object_get(ch, "amount_captured"));
-    json_int_t refunded = json_integer_value(json_object_get(ch, "amount_refunded"));
+    if (!ch)
+        return sim_fail(404, "no such charge");
+    json_int_t captured = sim_int(ch, "amount_captured");
+    json_int_t refunded = sim_int(ch, "amount_refunded");
     json_int_t amt = json_is_integer(want) ? json_integer_value(want) : captured - refunded;
-    if (amt <= 0 || refunded + amt > captured) {
-        *code = 400;
-        return json_pack("{s:{s:s}}", "error", "message", "refund exceeds the captured amount");
+    if (amt <= 0 || refunded + amt > captured || !sim_can(OP_REFUND, sim_str(ch, "status"))) {
+        struct outcome o = sim_fail(400, "refund exceeds the captured amount");
+        o.charge_id = sim_str(ch, "id");
+        return o;
     }
     char id[64];
     ids_time_ordered(id, sizeof(id), "re_", 8);
     json_object_set_new(ch, "amount_refunded", json_integer(refunded + amt));
-    *code = 200;
-    return json_pack("{s:s,s:s,s:I,s:O,s:s}", "id", id, "object", "refund", "amount", amt, "charge",
-                     json_object_get(ch, "id"), "status", "succeeded");
+    sim_move(ch, OP_REFUND, "succeeded", key, amt);
+    return (struct outcome){200,
+                            json_pack("{s:s,s:s,s:I,s:O,s:s}", "id", id, "object", "refund",
+                                      "amount", amt, "charge", json_object_get(ch, "id"), "status",
+                                      "succeeded"),
+                            sim_str(ch, "id")};
 }
 
 /* ---- HTTP ---- */
+
+/* Splits "/v1/charges/ID" and "/v1/charges/ID/ACTION"; false for other paths. */
+static bool
+sim_charge_path(const char *path, char *id, size_t cap, const char **action)
+{
+    static const char prefix[] = "/v1/charges/";
+    if (strncmp(path, prefix, sizeof(prefix) - 1) != 0)
+        return false;
+    const char *s = path + sizeof(prefix) - 1;
+    size_t n = strcspn(s, "/");
+    if (n == 0 || n >= cap)
+        return false;
+    memcpy(id, s, n);
+    id[n] = '\0';
+    *action = s + n;
+    return true;
+}
+
+/* Does what the POST asks; code 0 when no endpoint matches. */
+static struct outcome
+sim_dispatch(const char *path, json_t *body, const char *key)
+{
+    char id[80];
+    const char *action;
+    if (strcmp(path, "/v1/charges") == 0)
+        return sim_new_charge(body, key);
+    if (strcmp(path, "/v1/refunds") == 0)
+        return sim_refund(body, key);
+    if (!sim_charge_path(path, id, sizeof(id), &action) ||
+        (strcmp(action, "/capture") != 0 && strcmp(action, "/cancel") != 0))
+        return (struct outcome){0, NULL, NULL};
+    json_t *ch = json_object_get(sim.charges, id);
+    if (!ch)
+        return sim_fail(404, "no such charge");
+    return strcmp(action, "/capture") == 0 ? sim_capture(ch, body, key) : sim_cancel(ch, key);
+}
+
+static void
+sim_request_hash(const char *path, json_t *body, char hash[65])
+{
+    char *canon = json_dumps(body, JSON_COMPACT | JSON_SORT_KEYS);
+    char *text = xasprintf("%s %s", path, canon);
+    uint8_t h[32];
+    crypto_sha256(text, strlen(text), h);
+    crypto_hex(h, 32, hash);
+    free(text);
+    free(canon);
+}
+
+/* Answers a POST whose key was seen before: the first answer again, or
+ * 400 when the parameters differ. False when the key is new. */
+static bool
+sim_replay(struct evhttp_request *req, const char *key, const char *hash)
+{
+    json_t *seen = json_object_get(sim.by_key, key);
+    if (!seen)
+        return false;
+    if (strcmp(sim_str(seen, "hash"), hash) != 0)
+        sim_error(req, 400, "idempotency key reused with other parameters");
+    else
+        sim_answer(req, (int)sim_int(seen, "code"), sim_str(seen, "body"), true);
+    return true;
+}
+
+/* Keys become JSON strings (in by_key and in the charge), which must be UTF-8. */
+static bool
+sim_utf8(const char *text)
+{
+    json_t *s = json_string(text);
+    json_decref(s);
+    return s != NULL;
+}
 
 static void
 sim_post(struct evhttp_request *req, const char *path)
@@ -416,11 +852,14 @@ sim_post(struct evhttp_request *req, const char *path)
     json_t *body = sim_body(req);
     const char *key = evhttp_find_header(evhttp_request_get_input_headers(req), "Idempotency-Key");
     char hash[65] = "";
-    int code = 404;
-    json_t *result = NULL;
 
     if (!body) {
         sim_error(req, 400, "body must be a JSON object");
+        return;
+    }
+    if (key && !sim_utf8(key)) {
+        json_decref(body);
+        sim_error(req, 400, "Idempotency-Key must be UTF-8");
         return;
     }
     if (sim_roll(sim.rate_limit_rate)) {
@@ -437,121 +876,130 @@ sim_post(struct evhttp_request *req, const char *path)
         return;
     }
     if (key) {
-        char *canon = json_dumps(body, JSON_COMPACT | JSON_SORT_KEYS);
-        char *text = xasprintf("%s %s", path, canon);
-        uint8_t h[32];
-        crypto_sha256(text, strlen(text), h);
-        crypto_hex(h, 32, hash);
-        free(text);
-        free(canon);
-        json_t *seen = json_object_get(sim.by_key, key);
-        if (seen) {
+        sim_request_hash(path, body, hash);
+        if (sim_replay(req, key, hash)) {
             json_decref(body);
-            if (strcmp(json_string_value(json_object_get(seen, "hash")), hash) != 0) {
-                sim_error(req, 400, "idempotency key reused with other parameters");
-                return;
-            }
-            sim_answer(req, (int)json_integer_value(json_object_get(seen, "code")),
-                       json_string_value(json_object_get(seen, "body")), true);
             return;
         }
     }
-    char id[80];
-    if (strcmp(path, "/v1/charges") == 0) {
-        result = sim_new_charge(body, key, &code);
-    } else if (strcmp(path, "/v1/refunds") == 0) {
-        result = sim_refund(body, &code);
-    } else if (sscanf(path, "/v1/charges/%79[A-Za-z0-9_]/", id) == 1) {
-        json_t *ch = json_object_get(sim.charges, id);
-        const char *action = path + strlen("/v1/charges/") + strlen(id);
-        if (!ch)
-            result = json_pack("{s:{s:s}}", "error", "message", "no such charge"), code = 404;
-        else if (strcmp(action, "/capture") == 0)
-            result = sim_capture(ch, body, &code);
-        else if (strcmp(action, "/cancel") == 0)
-            result = sim_cancel(ch, &code);
-    }
+    struct outcome out = sim_dispatch(path, body, key);
     json_decref(body);
-    if (!result) {
+    if (!out.body) {
         sim_error(req, 404, "no such endpoint");
         return;
     }
-    char *text = json_dumps(result, JSON_COMPACT);
-    json_decref(result);
+    char *text = json_dumps(out.body, JSON_COMPACT);
+    json_decref(out.body);
     if (key)
         json_object_set_new(sim.by_key, key,
-                            json_pack("{s:s,s:i,s:s}", "hash", hash, "code", code, "body", text));
-    sim_answer(req, code, text, true);
+                            json_pack("{s:s,s:i,s:s,s:s?}", "hash", hash, "code", out.code, "body",
+                                      text, "charge", out.charge_id));
+    sim_answer(req, out.code, text, true);
     free(text);
+}
+
+static void
+sim_send_json(struct evhttp_request *req, json_t *o)
+{
+    char *text = json_dumps(o, JSON_COMPACT);
+    sim_answer(req, 200, text, false);
+    free(text);
+}
+
+static void
+sim_ledger(struct evhttp_request *req)
+{
+    json_t *data = json_array();
+    size_t i;
+    json_t *v;
+    json_array_foreach(sim.ordered, i, v)
+    {
+        json_array_append(data, json_object_get(sim.charges, json_string_value(v)));
+    }
+    json_t *o = json_pack("{s:I,s:o}", "charges", (json_int_t)sim.charges_made, "data", data);
+    char *text = json_dumps(o, JSON_COMPACT);
+    sim_send_now(req, 200, text);
+    free(text);
+    json_decref(o);
+}
+
+/* GET /v1/charges?idempotency_key=K: the charge K's request created or
+ * acted on, as it is now (not the answer that request got). */
+static void
+sim_by_key(struct evhttp_request *req)
+{
+    struct evkeyvalq q;
+    const char *query = evhttp_uri_get_query(evhttp_request_get_evhttp_uri(req));
+    json_t *ch = NULL;
+    if (query && evhttp_parse_query_str(query, &q) == 0) {
+        const char *key = evhttp_find_header(&q, "idempotency_key");
+        json_t *seen = key ? json_object_get(sim.by_key, key) : NULL;
+        const char *id = seen ? sim_str(seen, "charge") : NULL;
+        ch = id ? json_object_get(sim.charges, id) : NULL;
+        evhttp_clear_headers(&q);
+    }
+    if (ch)
+        sim_send_json(req, ch);
+    else
+        sim_error(req, 404, "no request with this idempotency key");
 }
 
 static void
 sim_get(struct evhttp_request *req, const char *path)
 {
     char id[80];
+    const char *action;
     if (strcmp(path, "/v1/ledger") == 0) {
-        json_t *data = json_array();
-        size_t i;
-        json_t *v;
-        json_array_foreach(sim.ordered, i, v)
-        {
-            json_array_append(data, json_object_get(sim.charges, json_string_value(v)));
-        }
-        json_t *o = json_pack("{s:I,s:o}", "charges", (json_int_t)sim.charges_made, "data", data);
-        char *text = json_dumps(o, JSON_COMPACT);
-        sim_send_now(req, 200, text);
-        free(text);
-        json_decref(o);
-        return;
-    }
-    if (strcmp(path, "/v1/charges") == 0) {
-        struct evkeyvalq q;
-        const char *query = evhttp_uri_get_query(evhttp_request_get_evhttp_uri(req));
-        if (query && evhttp_parse_query_str(query, &q) == 0) {
-            const char *key = evhttp_find_header(&q, "idempotency_key");
-            json_t *seen = key ? json_object_get(sim.by_key, key) : NULL;
-            if (seen)
-                sim_answer(req, (int)json_integer_value(json_object_get(seen, "code")),
-                           json_string_value(json_object_get(seen, "body")), false);
-            else
-                sim_error(req, 404, "no request with this idempotency key");
-            evhttp_clear_headers(&q);
-            return;
-        }
-    }
-    if (sscanf(path, "/v1/charges/%79[A-Za-z0-9_]", id) == 1) {
+        sim_ledger(req);
+    } else if (strcmp(path, "/v1/charges") == 0) {
+        sim_by_key(req);
+    } else if (sim_charge_path(path, id, sizeof(id), &action) && !*action) {
         json_t *ch = json_object_get(sim.charges, id);
-        if (!ch) {
+        if (ch)
+            sim_send_json(req, ch);
+        else
             sim_error(req, 404, "no such charge");
-            return;
-        }
-        char *text = json_dumps(ch, JSON_COMPACT);
-        sim_answer(req, 200, text, false);
-        free(text);
-        return;
+    } else {
+        sim_error(req, 404, "no such endpoint");
     }
-    sim_error(req, 404, "no such endpoint");
 }
 
+/* POST /_config: every knob is checked before any is applied. */
 static void
 sim_config(struct evhttp_request *req)
 {
+    const struct {
+        const char *name;
+        long *value;
+        long max;
+    } knobs[] = {
+        {"latency_ms", &sim.latency_ms, 3600000},
+        {"fail_rate", &sim.fail_rate, 100},
+        {"reset_rate", &sim.reset_rate, 100},
+        {"timeout_rate", &sim.timeout_rate, 100},
+        {"rate_limit_rate", &sim.rate_limit_rate, 100},
+        {"callback_jitter_ms", &sim.callback_jitter_ms, 3600000},
+        {"callback_duplicate_rate", &sim.callback_duplicate_rate, 100},
+    };
+    size_t n = sizeof(knobs) / sizeof(knobs[0]);
     json_t *b = sim_body(req);
     if (!b) {
         sim_send_now(req, 400, "{\"error\":{\"message\":\"bad JSON\"}}");
         return;
     }
-    if (json_is_integer(json_object_get(b, "latency_ms")))
-        sim.latency_ms = (long)json_integer_value(json_object_get(b, "latency_ms"));
-    if (json_is_integer(json_object_get(b, "fail_rate")))
-        sim.fail_rate = (int)json_integer_value(json_object_get(b, "fail_rate"));
-    if (json_is_integer(json_object_get(b, "reset_rate")))
-        sim.reset_rate = (int)json_integer_value(json_object_get(b, "reset_rate"));
-    if (json_is_integer(json_object_get(b, "rate_limit_rate")))
-        sim.rate_limit_rate = (int)json_integer_value(json_object_get(b, "rate_limit_rate"));
-    if (json_is_integer(json_object_get(b, "timeout_rate")))
-        sim.timeout_rate = (int)json_integer_value(json_object_get(b, "timeout_rate"));
-    json_int_t refuse = json_integer_value(json_object_get(b, "refuse_ms"));
+    for (size_t i = 0; i < n; i++) {
+        json_t *v = json_object_get(b, knobs[i].name);
+        if (v && (!json_is_integer(v) || json_integer_value(v) < 0 ||
+                  json_integer_value(v) > knobs[i].max)) {
+            json_decref(b);
+            sim_send_now(req, 400, "{\"error\":{\"message\":\"a setting is out of range\"}}");
+            return;
+        }
+    }
+    for (size_t i = 0; i < n; i++)
+        if (json_object_get(b, knobs[i].name))
+            *knobs[i].value = (long)sim_int(b, knobs[i].name);
+    json_int_t refuse = sim_int(b, "refuse_ms");
     json_decref(b);
     sim_send_now(req, 200, "{\"ok\":true}");
     if (refuse > 0 && sim.listener) {
@@ -559,9 +1007,22 @@ sim_config(struct evhttp_request *req)
          * are refused) and requests on open connections are dropped unread. */
         evhttp_del_accept_socket(sim.http, sim.listener);
         sim.listener = NULL;
-        struct timeval tv = {(time_t)(refuse / 1000), (suseconds_t)(refuse % 1000) * 1000};
-        evtimer_add(sim.refuse_timer, &tv);
+        sim_timer_add(sim.refuse_timer, (long)refuse);
     }
+}
+
+/* POST /_reset: forgets every charge and key. Settlement timers find their
+ * charge gone and do nothing; callbacks of the old generation are dropped
+ * at their next turn, sent or not. */
+static void
+sim_reset(struct evhttp_request *req)
+{
+    json_object_clear(sim.charges);
+    json_object_clear(sim.by_key);
+    json_array_clear(sim.ordered);
+    sim.charges_made = 0;
+    sim.generation++;
+    sim_send_now(req, 200, "{\"ok\":true}");
 }
 
 static int
@@ -611,19 +1072,12 @@ sim_route(struct evhttp_request *req, void *arg)
         sim_get(req, path);
         return;
     case EVHTTP_REQ_POST:
-        if (strcmp(path, "/_config") == 0) {
+        if (strcmp(path, "/_config") == 0)
             sim_config(req);
-            return;
-        }
-        if (strcmp(path, "/_reset") == 0) {
-            json_object_clear(sim.charges);
-            json_object_clear(sim.by_key);
-            json_array_clear(sim.ordered);
-            sim.charges_made = 0;
-            sim_send_now(req, 200, "{\"ok\":true}");
-            return;
-        }
-        sim_post(req, path);
+        else if (strcmp(path, "/_reset") == 0)
+            sim_reset(req);
+        else
+            sim_post(req, path);
         return;
     default:
         sim_send_now(req, 405, "{\"error\":{\"message\":\"method not allowed\"}}");
@@ -638,8 +1092,30 @@ sim_on_signal(evutil_socket_t sig, short what, void *arg)
     event_base_loopbreak(arg);
 }
 
-int
-main(int argc, char **argv)
+/* ---- start-up and shut-down ---- */
+
+static const char sim_usage[] =
+    "usage: gatewaysim [--port N] [--bind ADDR] [--latency-ms N] [--fail-rate PCT] "
+    "[--reset-rate PCT] [--timeout-rate PCT] [--key KEY] [--callback-url URL --callback-secret S "
+    "[--callback-delay-ms N] [--callback-jitter-ms N] [--callback-duplicate-rate PCT] "
+    "[--callback-tries N] [--async-capture]]\n";
+
+/* A numeric flag in [min, max]; anything else is a bad start-up. */
+static long
+sim_number(const char *flag, const char *text, long min, long max)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(text, &end, 10);
+    if (errno || end == text || *end || v < min || v > max) {
+        fprintf(stderr, "gatewaysim: --%s must be a number from %ld to %ld\n", flag, min, max);
+        exit(2);
+    }
+    return v;
+}
+
+static void
+sim_options(int argc, char **argv)
 {
     static const struct option opts[] = {{"port", required_argument, NULL, 'p'},
                                          {"bind", required_argument, NULL, 'b'},
@@ -651,31 +1127,35 @@ main(int argc, char **argv)
                                          {"callback-url", required_argument, NULL, 'U'},
                                          {"callback-secret", required_argument, NULL, 'S'},
                                          {"callback-delay-ms", required_argument, NULL, 'D'},
+                                         {"callback-jitter-ms", required_argument, NULL, 'J'},
+                                         {"callback-duplicate-rate", required_argument, NULL, 'P'},
+                                         {"callback-tries", required_argument, NULL, 'T'},
                                          {"async-capture", no_argument, NULL, 'A'},
                                          {NULL, 0, NULL, 0}};
-    int port = 12111, opt;
+    int opt;
+    sim.port = 12111;
+    sim.bind = "127.0.0.1";
     sim.callback_delay_ms = 500;
-    const char *bind = "127.0.0.1";
-    char err[256];
-    while ((opt = getopt_long(argc, argv, "p:b:l:f:r:t:k:U:S:D:A", opts, NULL)) != -1) {
+    sim.callback_tries = 30;
+    while ((opt = getopt_long(argc, argv, "p:b:l:f:r:t:k:U:S:D:J:P:T:A", opts, NULL)) != -1) {
         switch (opt) {
         case 'p':
-            port = atoi(optarg);
+            sim.port = (int)sim_number("port", optarg, 1, 65535);
             break;
         case 'b':
-            bind = optarg;
+            sim.bind = optarg;
             break;
         case 'l':
-            sim.latency_ms = atol(optarg);
+            sim.latency_ms = sim_number("latency-ms", optarg, 0, 3600000);
             break;
         case 'f':
-            sim.fail_rate = atoi(optarg);
+            sim.fail_rate = sim_number("fail-rate", optarg, 0, 100);
             break;
         case 'r':
-            sim.reset_rate = atoi(optarg);
+            sim.reset_rate = sim_number("reset-rate", optarg, 0, 100);
             break;
         case 't':
-            sim.timeout_rate = atoi(optarg);
+            sim.timeout_rate = sim_number("timeout-rate", optarg, 0, 100);
             break;
         case 'k':
             sim.key = optarg;
@@ -687,35 +1167,76 @@ main(int argc, char **argv)
             sim.callback_secret = optarg;
             break;
         case 'D':
-            sim.callback_delay_ms = atol(optarg);
+            sim.callback_delay_ms = sim_number("callback-delay-ms", optarg, 0, 3600000);
+            break;
+        case 'J':
+            sim.callback_jitter_ms = sim_number("callback-jitter-ms", optarg, 0, 3600000);
+            break;
+        case 'P':
+            sim.callback_duplicate_rate = sim_number("callback-duplicate-rate", optarg, 0, 100);
+            break;
+        case 'T':
+            sim.callback_tries = sim_number("callback-tries", optarg, 1, 1000000);
             break;
         case 'A':
             sim.async_capture = true;
             break;
         default:
-            fprintf(stderr, "usage: gatewaysim [--port N] [--bind ADDR] [--latency-ms N] "
-                            "[--fail-rate PCT] [--reset-rate PCT] [--timeout-rate PCT] [--key KEY] "
-                            "[--callback-url URL "
-                            "--callback-secret S [--callback-delay-ms N] [--async-capture]]\n");
-            return 2;
+            fputs(sim_usage, stderr);
+            exit(2);
         }
     }
-    if (port <= 0 || port > 65535) {
-        fprintf(stderr, "gatewaysim: --port must be 1-65535\n");
-        return 2;
+    if (optind < argc || !sim.callback_url != !sim.callback_secret) {
+        fputs(sim_usage, stderr);
+        exit(2);
     }
+    if (sim.callback_url) {
+        sim.callback_uri = evhttp_uri_parse(sim.callback_url);
+        if (!sim.callback_uri || !evhttp_uri_get_host(sim.callback_uri)) {
+            fprintf(stderr, "gatewaysim: --callback-url must be an http URL with a host\n");
+            exit(2);
+        }
+    }
+}
+
+/* Frees what the loop still held when it stopped. Timers and watches go
+ * before evhttp_free, which closes the sockets they watch and frees the
+ * requests the pending answers point at. */
+static void
+sim_free_all(void)
+{
+    while (!LIST_EMPTY(&sim.settles))
+        sim_settle_free(LIST_FIRST(&sim.settles));
+    while (!LIST_EMPTY(&sim.callbacks))
+        sim_callback_free(LIST_FIRST(&sim.callbacks));
+    while (!LIST_EMPTY(&sim.pendings))
+        sim_pending_free(LIST_FIRST(&sim.pendings));
+    evhttp_free(sim.http);
+    event_free(sim.refuse_timer);
+    if (sim.callback_uri)
+        evhttp_uri_free(sim.callback_uri);
+    json_decref(sim.charges);
+    json_decref(sim.by_key);
+    json_decref(sim.ordered);
+}
+
+int
+main(int argc, char **argv)
+{
+    char err[256];
+    sim_options(argc, argv);
     signal(SIGPIPE, SIG_IGN);
+    LIST_INIT(&sim.pendings);
+    LIST_INIT(&sim.settles);
+    LIST_INIT(&sim.callbacks);
     sim.base = event_base_new();
     sim.charges = json_object();
     sim.by_key = json_object();
     sim.ordered = json_array();
-    struct evhttp *http = evhttp_new(sim.base);
-    sim.http = http;
-    sim.bind = bind;
-    sim.port = port;
+    sim.http = evhttp_new(sim.base);
     sim.refuse_timer = evtimer_new(sim.base, sim_on_refuse_end, NULL);
-    evhttp_set_gencb(http, sim_route, NULL);
-    evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_POST);
+    evhttp_set_gencb(sim.http, sim_route, NULL);
+    evhttp_set_allowed_methods(sim.http, EVHTTP_REQ_GET | EVHTTP_REQ_POST);
     if (sim_listen(err, sizeof(err)) < 0) {
         fprintf(stderr, "gatewaysim: %s\n", err);
         return 1;
@@ -724,15 +1245,11 @@ main(int argc, char **argv)
     struct event *intr = evsignal_new(sim.base, SIGINT, sim_on_signal, sim.base);
     evsignal_add(term, NULL);
     evsignal_add(intr, NULL);
-    fprintf(stderr, "gatewaysim listening on http://%s:%d\n", bind, port);
+    fprintf(stderr, "gatewaysim listening on http://%s:%d\n", sim.bind, sim.port);
     event_base_dispatch(sim.base);
-    evhttp_free(http);
+    sim_free_all();
     event_free(term);
     event_free(intr);
-    event_free(sim.refuse_timer);
     event_base_free(sim.base);
-    json_decref(sim.charges);
-    json_decref(sim.by_key);
-    json_decref(sim.ordered);
     return 0;
 }
