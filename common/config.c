@@ -9,7 +9,10 @@
  * names the variable (never its value when the key is a secret); the caller
  * decides whether that ends start-up (exit 2) or refuses a reload. The
  * environment cannot be checked for unknown keys, since it also holds PATH
- * and friends. Calls xmalloc and libc only.
+ * and friends. Some checks span keys: PROCESSING_LEASE_MS, when unset, is
+ * derived from the gateway retry and database timeout settings, and is
+ * refused when set below what they allow a job to take
+ * (config_job_worst_case_ms). Calls xmalloc and libc only.
  */
 #include "config.h"
 
@@ -76,6 +79,8 @@ static const struct config_desc config_keys[CFG__COUNT] = {
     [CFG_REDIS_PORT] = {"REDIS_PORT", T_INT, "6379", 1, 65535, 0, OFF(redis_port), false, false},
     [CFG_REDIS_PASSWORD] = {"REDIS_PASSWORD", T_STRING, NULL, 0, 1024, 0, OFF(redis_password),
                             false, true},
+    [CFG_REDIS_TIMEOUT_MS] = {"REDIS_TIMEOUT_MS", T_DURATION, "250", 10, 60000, 1,
+                              OFF(redis_timeout_ms), false, false},
     [CFG_JWT_SECRET] = {"JWT_SECRET", T_STRING, NULL, 32, 4096, 0, OFF(jwt_secret), false, true},
     [CFG_READY_CHECK_TIMEOUT_MS] = {"READY_CHECK_TIMEOUT_MS", T_DURATION, "1000", 10, 60000, 1,
                                     OFF(ready_check_timeout_ms), false, false},
@@ -91,6 +96,8 @@ static const struct config_desc config_keys[CFG__COUNT] = {
                                 OFF(worker_concurrency), false, false},
     [CFG_DB_QUEUE_TIMEOUT_MS] = {"DB_QUEUE_TIMEOUT_MS", T_DURATION, "2000", 10, 600000, 1,
                                  OFF(db_queue_timeout_ms), false, false},
+    [CFG_DB_STATEMENT_TIMEOUT_MS] = {"DB_STATEMENT_TIMEOUT_MS", T_DURATION, "5000", 100, 3600000, 1,
+                                     OFF(db_statement_timeout_ms), false, false},
     [CFG_EVENTS_URL] = {"EVENTS_URL", T_STRING, NULL, 6, 300, 0, OFF(events_url), false, false},
     [CFG_OUTBOX_POLL_MS] = {"OUTBOX_POLL_MS", T_DURATION, "1000", 10, 600000, 1,
                             OFF(outbox_poll_ms), false, false},
@@ -109,7 +116,7 @@ static const struct config_desc config_keys[CFG__COUNT] = {
                                 OFF(webhook_timeout_ms), false, false},
     [CFG_SWEEP_INTERVAL_MS] = {"SWEEP_INTERVAL_MS", T_DURATION, "5000", 100, 3600000, 1,
                                OFF(sweep_interval_ms), false, false},
-    [CFG_PROCESSING_LEASE_MS] = {"PROCESSING_LEASE_MS", T_DURATION, "60000", 1000, 86400000, 1,
+    [CFG_PROCESSING_LEASE_MS] = {"PROCESSING_LEASE_MS", T_DURATION, NULL, 1000, 86400000, 1,
                                  OFF(processing_lease_ms), false, false},
     [CFG_CONSISTENCY_INTERVAL_MS] = {"CONSISTENCY_INTERVAL_MS", T_DURATION, "600000", 500, 86400000,
                                      1, OFF(consistency_interval_ms), false, false},
@@ -408,6 +415,69 @@ config_providers(struct config *cfg, char *err, size_t errlen)
     return 0;
 }
 
+/* Gateway calls one job can make: GATEWAY_MAX_ATTEMPTS tries, plus one
+ * call per further provider, since a failover (after an answer that the
+ * charge was certainly not taken) does not spend a try (worker/worker.c). */
+static int64_t
+config_job_calls(const struct config *cfg)
+{
+    return (int64_t)cfg->gateway_max_attempts + (cfg->n_providers > 1 ? cfg->n_providers - 1 : 0);
+}
+
+/* Statements one job runs while the payment is processing: with one
+ * provider the outcome's record and one read (the charge to capture or
+ * cancel, or the current state when nothing is recorded); with several,
+ * each provider's call is recorded before it and each failover pins the
+ * next provider, so two per provider. */
+static int64_t
+config_job_statements(const struct config *cfg)
+{
+    return cfg->n_providers > 1 ? 2 * (int64_t)cfg->n_providers : 2;
+}
+
+int64_t
+config_job_worst_case_ms(const struct config *cfg)
+{
+    return config_job_calls(cfg) * cfg->gateway_timeout_ms +
+           (int64_t)(cfg->gateway_max_attempts - 1) * cfg->gateway_retry_cap_ms +
+           config_job_statements(cfg) * cfg->db_statement_timeout_ms;
+}
+
+/* PROCESSING_LEASE_MS: derived from the retry settings when unset (so it
+ * follows them), refused when set below a job's worst case, since the
+ * sweeps would then send a second job for a payment whose first is still
+ * calling the gateway. The raw value stays NULL when derived, so that a
+ * child process derives it again from the same settings. */
+static int
+config_lease(struct config *cfg, char *err, size_t errlen)
+{
+    int64_t worst = config_job_worst_case_ms(cfg);
+    char calls[96];
+
+    cfg->job_worst_case_ms = worst;
+    cfg->processing_lease_set = cfg->raw[CFG_PROCESSING_LEASE_MS] != NULL;
+    if (!cfg->processing_lease_set) {
+        cfg->processing_lease_ms = worst + CONFIG_LEASE_MARGIN_MS;
+        return 0;
+    }
+    if (cfg->processing_lease_ms >= worst)
+        return 0;
+    if (cfg->n_providers > 1)
+        snprintf(calls, sizeof(calls), "(GATEWAY_MAX_ATTEMPTS %d + GATEWAY_PROVIDERS %d - 1)",
+                 cfg->gateway_max_attempts, cfg->n_providers);
+    else
+        snprintf(calls, sizeof(calls), "GATEWAY_MAX_ATTEMPTS %d", cfg->gateway_max_attempts);
+    snprintf(err, errlen,
+             "PROCESSING_LEASE_MS (%lld ms) is shorter than a gateway job's worst case, %lld ms = "
+             "%s x GATEWAY_TIMEOUT_MS %lld + %d x GATEWAY_RETRY_CAP_MS %lld + %lld x "
+             "DB_STATEMENT_TIMEOUT_MS %lld; raise it, or leave it unset (worst case + %d s)",
+             (long long)cfg->processing_lease_ms, (long long)worst, calls,
+             (long long)cfg->gateway_timeout_ms, cfg->gateway_max_attempts - 1,
+             (long long)cfg->gateway_retry_cap_ms, (long long)config_job_statements(cfg),
+             (long long)cfg->db_statement_timeout_ms, CONFIG_LEASE_MARGIN_MS / 1000);
+    return -1;
+}
+
 static int
 config_validate(struct config *cfg, char *err, size_t errlen)
 {
@@ -436,7 +506,9 @@ config_validate(struct config *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "TLS_CERT_FILE and TLS_KEY_FILE must be set together");
         return -1;
     }
-    return config_providers(cfg, err, errlen);
+    if (config_providers(cfg, err, errlen) < 0)
+        return -1;
+    return config_lease(cfg, err, errlen);
 }
 
 static int

@@ -32,6 +32,7 @@ enum config_key {
     CFG_REDIS_HOST,
     CFG_REDIS_PORT,
     CFG_REDIS_PASSWORD,
+    CFG_REDIS_TIMEOUT_MS,
     CFG_JWT_SECRET,
     CFG_READY_CHECK_TIMEOUT_MS,
     CFG_CONFIRM_WAIT_MS,
@@ -40,6 +41,7 @@ enum config_key {
     CFG_GATEWAY_TIMEOUT_MS,
     CFG_WORKER_CONCURRENCY,
     CFG_DB_QUEUE_TIMEOUT_MS,
+    CFG_DB_STATEMENT_TIMEOUT_MS,
     CFG_EVENTS_URL,
     CFG_OUTBOX_POLL_MS,
     CFG_OUTBOX_LEASE_MS,
@@ -113,6 +115,7 @@ struct config {
     const char *redis_host;
     int redis_port;
     const char *redis_password;
+    int64_t redis_timeout_ms; /* a Redis reply not in by then: the connection is dropped */
     const char *jwt_secret;
     int64_t ready_check_timeout_ms;
     int64_t confirm_wait_ms;
@@ -121,7 +124,8 @@ struct config {
     int64_t gateway_timeout_ms;
     int worker_concurrency;
     int64_t db_queue_timeout_ms;
-    const char *events_url; /* NULL: ipc://RUN_DIR/events.ipc */
+    int64_t db_statement_timeout_ms; /* PostgreSQL statement_timeout of the pools */
+    const char *events_url;          /* NULL: ipc://RUN_DIR/events.ipc */
     int64_t outbox_poll_ms;
     int64_t outbox_lease_ms;
     int64_t outbox_start_delay_ms;
@@ -131,7 +135,9 @@ struct config {
     int64_t webhook_retry_window_ms;
     int64_t webhook_timeout_ms;
     int64_t sweep_interval_ms;
-    int64_t processing_lease_ms;
+    int64_t processing_lease_ms; /* as set, or derived: job_worst_case_ms + 10 s */
+    bool processing_lease_set;   /* PROCESSING_LEASE_MS was given explicitly */
+    int64_t job_worst_case_ms;   /* longest a gateway job can take; see config_job_worst_case_ms */
     int64_t consistency_interval_ms;
     int max_pending_jobs;
     int gateway_max_attempts;
@@ -179,6 +185,16 @@ const char *config_key_name(enum config_key key);
 bool config_key_needs_restart(enum config_key key);
 /* True when the value must never be printed. */
 bool config_key_is_secret(enum config_key key);
+
+/* The longest a gateway job can keep a payment in processing: every call
+ * of the job at GATEWAY_TIMEOUT_MS, the back-off waits between them at
+ * GATEWAY_RETRY_CAP_MS, and its database statements at
+ * DB_STATEMENT_TIMEOUT_MS. PROCESSING_LEASE_MS may not be shorter, or the
+ * sweeps would re-drive a payment whose job is still running. */
+int64_t config_job_worst_case_ms(const struct config *cfg);
+
+/* Added to the worst case when PROCESSING_LEASE_MS is not set. */
+#define CONFIG_LEASE_MARGIN_MS 10000
 
 /* Parses a duration: digits with an optional unit (ms, s, m, h); a bare
  * number is in default_unit_ms. Returns -1 on bad syntax or overflow. */

@@ -6,7 +6,9 @@
  * Failures come back as -1 with the reason. Also offers the address guard
  * for outbound calls to merchants' URLs, net_address_private() and
  * net_host_private_literal(), so that a webhook URL cannot make the service
- * call its own network. Calls libc.
+ * call its own network, and net_resolve(), which turns the PostgreSQL and
+ * Redis host names into addresses once at start-up so that no reconnect
+ * waits for DNS on an event loop. Calls libc.
  */
 #include "net.h"
 
@@ -129,4 +131,44 @@ net_host_private_literal(const char *host)
     }
     return strcasecmp(buf, "localhost") == 0 ||
            (n > 10 && strcasecmp(buf + n - 10, ".localhost") == 0);
+}
+
+int
+net_resolve(const char *host, bool v4_first, char (*addrs)[NET_ADDR_MAX], int cap, bool *transient,
+            char *err, size_t errlen)
+{
+    struct addrinfo hints = {0}, *res = NULL;
+    int n = 0, rv;
+
+    *transient = false;
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    rv = getaddrinfo(host, NULL, &hints, &res);
+    if (rv != 0) {
+        *transient = rv == EAI_AGAIN;
+        snprintf(err, errlen, "%s", rv == EAI_SYSTEM ? strerror(errno) : gai_strerror(rv));
+        return -1;
+    }
+    /* Two passes when IPv4 goes first (as hiredis itself orders them). */
+    for (int pass = v4_first ? 0 : 1; pass < 2; pass++) {
+        for (struct addrinfo *ai = res; ai && n < cap; ai = ai->ai_next) {
+            char text[NET_ADDR_MAX];
+            bool dup = false;
+            if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6)
+                continue;
+            if (v4_first && (pass == 0) != (ai->ai_family == AF_INET))
+                continue;
+            if (getnameinfo(ai->ai_addr, ai->ai_addrlen, text, sizeof(text), NULL, 0,
+                            NI_NUMERICHOST) != 0)
+                continue;
+            for (int i = 0; i < n && !dup; i++)
+                dup = strcmp(addrs[i], text) == 0;
+            if (!dup)
+                memcpy(addrs[n++], text, sizeof(text));
+        }
+    }
+    freeaddrinfo(res);
+    if (n == 0)
+        snprintf(err, errlen, "no IPv4 or IPv6 address");
+    return n > 0 ? n : -1;
 }

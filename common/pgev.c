@@ -11,8 +11,21 @@
  * broken connection fails its query with an error (never a hang), is closed, and is re-opened with
  * a doubling delay (100 ms to 5 s); a query that waits in the queue longer than DB_QUEUE_TIMEOUT_MS
  * (no connection up, or too much load) fails, so callers answer 503 quickly instead of piling up.
- * Host names are resolved by libpq during connect: give POSTGRES_HOST as an address when that
- * lookup must not stall. Calls libpq, libevent, config, log, xmalloc.
+ *
+ * Nothing waits without a bound. Every connection of a pool runs with PostgreSQL's
+ * statement_timeout = DB_STATEMENT_TIMEOUT_MS and idle_in_transaction_session_timeout = twice that
+ * (libpq's options keyword; the tools' synchronous connections, pgev_conninfo(), get neither, so
+ * migrations never time out). A client-side guard covers a server or network that stalls so the
+ * server's own timeout never reaches us: a query whose result is not in DB_STATEMENT_TIMEOUT_MS +
+ * 2 s after it was sent fails (callback once, with an error), and its connection is closed and
+ * re-opened; libpq does not apply connect_timeout to a non-blocking connect, so the guard bounds
+ * that too. No cancel request is sent, since PQcancel() blocks; the server's statement_timeout ends
+ * the orphaned statement. An idle connection (a LISTEN, a held advisory lock) has no guard running.
+ * POSTGRES_HOST is resolved once, in pgev_pool_new(), and connections go to the addresses (libpq's
+ * hostaddr, with host kept for TLS and .pgpass), so no reconnect waits for DNS; a name that does
+ * not resolve ends the process with EXIT_ROLE_CONFIG (EXIT_ROLE_FAILURE when DNS could not answer,
+ * so the supervisor tries again). DATABASE_URL is left to libpq, which resolves its host on every
+ * connect. Calls libpq, libevent, config, net, log, shm (clock), xmalloc.
  */
 #include "pgev.h"
 
@@ -22,6 +35,8 @@
 #include <sys/queue.h>
 
 #include "log.h"
+#include "net.h"
+#include "role.h"
 #include "shm.h"
 #include "xmalloc.h"
 
@@ -30,6 +45,10 @@
 #define PGEV_RETRY_MAX_MS 5000
 
 #define PGEV_MAX_PREPARED 64
+
+#define PGEV_MAX_ADDRS        8    /* addresses POSTGRES_HOST may resolve to, all tried */
+#define PGEV_CONNECT_GUARD_MS 5000 /* per address, as connect_timeout=5 for the tools */
+#define PGEV_GUARD_SLACK_MS   2000 /* past statement_timeout before the client gives up */
 
 struct pgev_query {
     TAILQ_ENTRY(pgev_query) link;
@@ -53,6 +72,7 @@ struct pgev_conn {
     enum conn_state state;
     struct event *ev;    /* socket readiness, re-made when the socket changes */
     struct event *retry; /* reconnect timer */
+    struct event *guard; /* pending while connecting or while a query is in flight */
     int sock;
     int retry_ms;
     struct pgev_query *q;
@@ -73,6 +93,8 @@ struct pgev_pool {
     struct event *sweep; /* fails queries that waited too long */
     bool closing;
     int64_t queue_timeout_ms;
+    int64_t guard_ms;                          /* a query's result must be in by then */
+    int64_t connect_guard_ms;                  /* a connection must be up by then */
     const char *statements[PGEV_MAX_PREPARED]; /* static SQL, by statement index */
     int nstatements;
     const char *init_sql; /* run first on every new connection (LISTEN ...) */
@@ -89,7 +111,8 @@ static void
 pgev_init_done(void *arg, PGresult *res, const char *err)
 {
     struct pgev_pool *pool = arg;
-    if (!res || PQresultStatus(res) != PGRES_COMMAND_OK)
+    /* LISTEN answers COMMAND_OK, a SELECT (the sweeps' lock connection) TUPLES_OK. */
+    if (!res || (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK))
         log_warn("postgres: connection set-up statement failed: %s",
                  err ? err : PQresultErrorMessage(res));
     /* Whether a fresh connection was set up is also worth a wake-up: work may
@@ -164,12 +187,16 @@ pgev_conn_event(struct pgev_conn *c, short what)
     event_add(c->ev, NULL);
 }
 
+/* Closes the connection (for good when the pool closes, else it is
+ * re-opened after the back-off delay); the query in flight, if any, fails
+ * with query_err. */
 static void
-pgev_conn_fail(struct pgev_conn *c, const char *why)
+pgev_conn_close(struct pgev_conn *c, const char *why, const char *query_err)
 {
     struct pgev_pool *pool = c->pool;
     if (!pool->closing)
         log_warn("postgres connection lost: %s", why);
+    evtimer_del(c->guard);
     if (c->ev) {
         event_free(c->ev);
         c->ev = NULL;
@@ -188,13 +215,48 @@ pgev_conn_fail(struct pgev_conn *c, const char *why)
     if (c->q) {
         struct pgev_query *q = c->q;
         c->q = NULL;
-        pgev_complete(q, NULL, "database connection lost");
+        pgev_complete(q, NULL, query_err);
     }
     if (pool->closing)
         return;
     struct timeval tv = {c->retry_ms / 1000, (c->retry_ms % 1000) * 1000};
     evtimer_add(c->retry, &tv);
     c->retry_ms = c->retry_ms * 2 > PGEV_RETRY_MAX_MS ? PGEV_RETRY_MAX_MS : c->retry_ms * 2;
+}
+
+static void
+pgev_conn_fail(struct pgev_conn *c, const char *why)
+{
+    pgev_conn_close(c, why, "database connection lost");
+}
+
+static void
+pgev_guard_arm(struct pgev_conn *c, int64_t ms)
+{
+    struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000)};
+    evtimer_add(c->guard, &tv);
+}
+
+/* The guard ran out: the connection attempt or the query in flight took
+ * longer than any healthy server needs. Runs from a timer, not from a
+ * libpq call, so closing the connection here is safe. */
+static void
+pgev_on_guard(evutil_socket_t fd, short what, void *arg)
+{
+    struct pgev_conn *c = arg;
+    char why[128];
+    (void)fd;
+    (void)what;
+    if (c->state == CONN_CONNECTING) {
+        snprintf(why, sizeof(why), "not established within %lld ms",
+                 (long long)c->pool->connect_guard_ms);
+        pgev_conn_fail(c, why);
+    } else if (c->state == CONN_BUSY) {
+        snprintf(why, sizeof(why),
+                 "no result within %lld ms (DB_STATEMENT_TIMEOUT_MS + %d s); closing it",
+                 (long long)c->pool->guard_ms, PGEV_GUARD_SLACK_MS / 1000);
+        pgev_conn_close(c, why, "database statement timed out");
+    }
 }
 
 static void
@@ -214,6 +276,7 @@ pgev_connect_poll(struct pgev_conn *c)
         }
         c->state = CONN_IDLE;
         c->retry_ms = PGEV_RETRY_MIN_MS;
+        evtimer_del(c->guard);
         pgev_conn_event(c, EV_READ | EV_PERSIST);
         if (c->pool->init_sql) {
             /* Ahead of anything queued: a LISTEN must be in place before the
@@ -271,6 +334,7 @@ pgev_read(struct pgev_conn *c)
         }
         c->q = NULL;
         c->state = CONN_IDLE;
+        evtimer_del(c->guard);
         pgev_complete(q, last, last ? NULL : "no result");
         PQclear(last);
     }
@@ -331,6 +395,7 @@ pgev_conn_start(struct pgev_conn *c)
         return;
     }
     c->state = CONN_CONNECTING;
+    pgev_guard_arm(c, pool->connect_guard_ms);
     pgev_conn_event(c, EV_WRITE);
 }
 
@@ -351,6 +416,9 @@ pgev_send(struct pgev_conn *c, struct pgev_query *q)
     char name[16];
     c->q = q;
     c->state = CONN_BUSY;
+    /* Armed once per query: the PREPARE that may precede it counts too. */
+    if (!evtimer_pending(c->guard, NULL))
+        pgev_guard_arm(c, c->pool->guard_ms);
     if (q->stmt < 0) {
         ok = PQsendQueryParams(c->pg, q->sql, q->nparams, NULL, (const char *const *)q->params,
                                NULL, NULL, 0);
@@ -411,6 +479,89 @@ pgev_on_sweep(evutil_socket_t fd, short what, void *arg)
     }
 }
 
+/* Appends item to a comma-separated list in buf. */
+static void
+pgev_list_add(char *buf, size_t cap, const char *item)
+{
+    size_t len = strlen(buf);
+    snprintf(buf + len, cap - len, "%s%s", len ? "," : "", item);
+}
+
+/* The pool's connection keywords: the tools' (pgev_conninfo) plus the
+ * addresses POSTGRES_HOST resolves to now, at start-up, and the server-side
+ * timeouts. The values are private copies: the configuration may be
+ * replaced later. */
+static void
+pgev_pool_conninfo(struct pgev_pool *pool, const struct config *cfg)
+{
+    char hosts[4096], hostaddrs[4096], options[2048];
+    char addrs[PGEV_MAX_ADDRS][NET_ADDR_MAX], item[256], err[256];
+    int n = 0, targets = 0;
+    bool resolved = false;
+
+    pgev_conninfo(cfg, pool->keys, pool->vals, 13);
+    while (pool->keys[n])
+        n++;
+    hosts[0] = hostaddrs[0] = '\0';
+    for (const char *p = cfg->database_url ? "" : cfg->postgres_host;
+         *p && targets < PGEV_MAX_ADDRS;) {
+        size_t len = strcspn(p, ",");
+        snprintf(item, sizeof(item), "%.*s", (int)len, p);
+        p += len + (p[len] == ',');
+        if (item[0] == '/' || item[0] == '@' || item[0] == '\0') {
+            /* A Unix-socket directory: no name to resolve. */
+            pgev_list_add(hosts, sizeof(hosts), item);
+            pgev_list_add(hostaddrs, sizeof(hostaddrs), "");
+            targets++;
+            continue;
+        }
+        bool transient;
+        int k =
+            net_resolve(item, false, addrs, PGEV_MAX_ADDRS - targets, &transient, err, sizeof(err));
+        if (k < 0)
+            log_fatal(transient ? EXIT_ROLE_FAILURE : EXIT_ROLE_CONFIG,
+                      "POSTGRES_HOST %s cannot be resolved: %s", item, err);
+        /* libpq tries them in turn, as it would the addresses of the name. */
+        for (int i = 0; i < k; i++) {
+            pgev_list_add(hosts, sizeof(hosts), item);
+            pgev_list_add(hostaddrs, sizeof(hostaddrs), addrs[i]);
+        }
+        targets += k;
+        resolved = true;
+    }
+    for (int i = 0; resolved && i < n; i++) {
+        if (strcmp(pool->keys[i], "host") == 0)
+            pool->vals[i] = hosts;
+    }
+    if (resolved) {
+        pool->keys[n] = "hostaddr";
+        pool->vals[n++] = hostaddrs;
+    }
+    pool->connect_guard_ms = (int64_t)PGEV_CONNECT_GUARD_MS * (targets > 1 ? targets : 1);
+
+    /* Options already given (in DATABASE_URL, or PGOPTIONS) come first:
+     * this keyword replaces them, so they are carried over. */
+    const char *given = NULL;
+    PQconninfoOption *parsed = cfg->database_url ? PQconninfoParse(cfg->database_url, NULL) : NULL;
+    for (PQconninfoOption *o = parsed; o && o->keyword; o++) {
+        if (strcmp(o->keyword, "options") == 0 && o->val && *o->val)
+            given = o->val;
+    }
+    if (!given)
+        given = getenv("PGOPTIONS");
+    snprintf(options, sizeof(options),
+             "%s%s-c statement_timeout=%lld -c idle_in_transaction_session_timeout=%lld",
+             given ? given : "", given && *given ? " " : "",
+             (long long)cfg->db_statement_timeout_ms, (long long)cfg->db_statement_timeout_ms * 2);
+    PQconninfoFree(parsed);
+    pool->keys[n] = "options";
+    pool->vals[n++] = options;
+    pool->keys[n] = NULL;
+    pool->vals[n] = NULL;
+    for (int i = 0; pool->keys[i]; i++)
+        pool->vals[i] = xstrdup(pool->vals[i]);
+}
+
 struct pgev_pool *
 pgev_pool_new(struct event_base *base, const struct config *cfg, int size)
 {
@@ -418,10 +569,8 @@ pgev_pool_new(struct event_base *base, const struct config *cfg, int size)
     pool->base = base;
     pool->size = size;
     pool->queue_timeout_ms = cfg->db_queue_timeout_ms;
-    pgev_conninfo(cfg, pool->keys, pool->vals, 15);
-    /* The configuration may be replaced later; keep private copies. */
-    for (int i = 0; pool->keys[i]; i++)
-        pool->vals[i] = xstrdup(pool->vals[i]);
+    pool->guard_ms = cfg->db_statement_timeout_ms + PGEV_GUARD_SLACK_MS;
+    pgev_pool_conninfo(pool, cfg);
     TAILQ_INIT(&pool->queue);
     pool->conns = xcalloc((size_t)size, sizeof(*pool->conns));
     for (int i = 0; i < size; i++) {
@@ -430,6 +579,7 @@ pgev_pool_new(struct event_base *base, const struct config *cfg, int size)
         c->sock = -1;
         c->retry_ms = PGEV_RETRY_MIN_MS;
         c->retry = evtimer_new(base, pgev_on_retry, c);
+        c->guard = evtimer_new(base, pgev_on_guard, c);
         pgev_conn_start(c);
     }
     struct timeval tv = {0, 250000};
@@ -532,6 +682,7 @@ pgev_pool_free(struct pgev_pool *pool)
         struct pgev_conn *c = &pool->conns[i];
         pgev_conn_fail(c, "pool closed");
         event_free(c->retry);
+        event_free(c->guard);
     }
     while ((q = TAILQ_FIRST(&pool->queue)) != NULL) {
         TAILQ_REMOVE(&pool->queue, q, link);

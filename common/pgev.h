@@ -11,9 +11,15 @@
 struct pgev_pool;
 
 /* Called on the loop once per query: res is the last result (cleared by the
- * pool after the call) or NULL with err set when the query could not run. */
+ * pool after the call; an error result when the server ended the statement,
+ * e.g. at statement_timeout) or NULL with err set when the query could not
+ * run or had no result within DB_STATEMENT_TIMEOUT_MS + 2 s. */
 typedef void (*pgev_cb)(void *arg, PGresult *res, const char *err);
 
+/* Opens size connections with statement_timeout = DB_STATEMENT_TIMEOUT_MS.
+ * Resolves POSTGRES_HOST first (blocking: call before the loop runs); a
+ * name that does not resolve ends the process with EXIT_ROLE_CONFIG
+ * (EXIT_ROLE_FAILURE when DNS could not answer). */
 struct pgev_pool *pgev_pool_new(struct event_base *base, const struct config *cfg, int size);
 void pgev_pool_free(struct pgev_pool *pool);
 
@@ -42,7 +48,8 @@ void pgev_pool_on_connect(struct pgev_pool *pool, const char *static_sql, pgev_n
 int pgev_pool_connected(const struct pgev_pool *pool);
 
 /* Fills libpq connection keywords from the configuration (DATABASE_URL or
- * POSTGRES_*); exposed for the tools that connect synchronously. */
+ * POSTGRES_*); exposed for the tools that connect synchronously. Neither
+ * resolved addresses nor timeouts: a migration must never be cut off. */
 void pgev_conninfo(const struct config *cfg, const char **keys, const char **vals, int cap);
 
 #endif

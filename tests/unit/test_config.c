@@ -12,10 +12,24 @@
 
 #include "config.h"
 
-static const char *const keys_used[] = {
-    "PORT",        "WORKERS",      "RESTART_PERIOD",    "LOG_LEVEL",         "JWT_SECRET",
-    "INSTANCE",    "METRICS_PORT", "POSTGRES_PASSWORD", "ROLE_HANG_TIMEOUT", "GATEWAY_PROVIDERS",
-    "GATEWAY_URL", "GATEWAY_KEY"};
+static const char *const keys_used[] = {"PORT",
+                                        "WORKERS",
+                                        "RESTART_PERIOD",
+                                        "LOG_LEVEL",
+                                        "JWT_SECRET",
+                                        "INSTANCE",
+                                        "METRICS_PORT",
+                                        "POSTGRES_PASSWORD",
+                                        "ROLE_HANG_TIMEOUT",
+                                        "GATEWAY_PROVIDERS",
+                                        "GATEWAY_URL",
+                                        "GATEWAY_KEY",
+                                        "PROCESSING_LEASE_MS",
+                                        "GATEWAY_TIMEOUT_MS",
+                                        "GATEWAY_MAX_ATTEMPTS",
+                                        "GATEWAY_RETRY_CAP_MS",
+                                        "DB_STATEMENT_TIMEOUT_MS",
+                                        "REDIS_TIMEOUT_MS"};
 
 static int
 clear_env(void **state)
@@ -250,6 +264,122 @@ test_parsers(void **state)
     assert_int_equal(config_parse_int("4 ", 0, 100, &v), -1);
 }
 
+static void
+test_remote_timeouts(void **state)
+{
+    (void)state;
+    struct config cfg;
+    char err[256];
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), 0);
+    assert_int_equal(cfg.redis_timeout_ms, 250);
+    assert_int_equal(cfg.db_statement_timeout_ms, 5000);
+    config_free(&cfg);
+    setenv("REDIS_TIMEOUT_MS", "1s", 1);
+    setenv("DB_STATEMENT_TIMEOUT_MS", "2500", 1);
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), 0);
+    assert_int_equal(cfg.redis_timeout_ms, 1000);
+    assert_int_equal(cfg.db_statement_timeout_ms, 2500);
+    config_free(&cfg);
+    unsetenv("DB_STATEMENT_TIMEOUT_MS");
+    expect_error("REDIS_TIMEOUT_MS", "0", "REDIS_TIMEOUT_MS");
+    expect_error("REDIS_TIMEOUT_MS", "2m", "REDIS_TIMEOUT_MS"); /* above 60 s */
+    expect_error("DB_STATEMENT_TIMEOUT_MS", "0", "DB_STATEMENT_TIMEOUT_MS");
+    expect_error("DB_STATEMENT_TIMEOUT_MS", "50ms", "DB_STATEMENT_TIMEOUT_MS");
+}
+
+/* Unset, the lease is a job's worst case plus 10 s, and follows the
+ * settings it comes from; it is not exported, so a child derives it too. */
+static void
+test_lease_derived(void **state)
+{
+    (void)state;
+    struct config cfg;
+    char err[512];
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), 0);
+    /* 5 x 30 s + 4 x 30 s + 2 x 5 s */
+    assert_int_equal(cfg.job_worst_case_ms, 280000);
+    assert_int_equal(config_job_worst_case_ms(&cfg), 280000);
+    assert_int_equal(cfg.processing_lease_ms, 290000);
+    assert_false(cfg.processing_lease_set);
+    config_export(&cfg);
+    assert_null(getenv("PROCESSING_LEASE_MS"));
+    config_free(&cfg);
+
+    setenv("GATEWAY_TIMEOUT_MS", "500", 1);
+    setenv("GATEWAY_MAX_ATTEMPTS", "3", 1);
+    setenv("GATEWAY_RETRY_CAP_MS", "200", 1);
+    setenv("DB_STATEMENT_TIMEOUT_MS", "1000", 1);
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), 0);
+    assert_int_equal(cfg.job_worst_case_ms, 3 * 500 + 2 * 200 + 2 * 1000);
+    assert_int_equal(cfg.processing_lease_ms, 3900 + 10000);
+    /* A reload with more attempts moves the derived lease with it. */
+    assert_int_equal(config_set(&cfg, "GATEWAY_MAX_ATTEMPTS", "4", err, sizeof(err)), 0);
+    assert_int_equal(cfg.processing_lease_ms, 4 * 500 + 3 * 200 + 2 * 1000 + 10000);
+    assert_false(cfg.processing_lease_set);
+    config_free(&cfg);
+
+    /* With two providers a failover adds one call and two statements. */
+    setenv("GATEWAY_PROVIDERS", "sim_a,sim_b", 1);
+    setenv("GATEWAY_URL", "http://127.0.0.1:1,http://127.0.0.1:2", 1);
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), 0);
+    assert_int_equal(cfg.job_worst_case_ms, 4 * 500 + 2 * 200 + 4 * 1000);
+    assert_int_equal(cfg.processing_lease_ms, 6400 + 10000);
+    config_free(&cfg);
+}
+
+/* Set, it must cover the worst case: equal is accepted, shorter stops
+ * start-up (and refuses a reload) naming the variable, the worst case and
+ * the settings it comes from. */
+static void
+test_lease_refused_when_too_short(void **state)
+{
+    (void)state;
+    struct config cfg;
+    char err[512] = "";
+    setenv("GATEWAY_TIMEOUT_MS", "500", 1);
+    setenv("GATEWAY_MAX_ATTEMPTS", "3", 1);
+    setenv("GATEWAY_RETRY_CAP_MS", "200", 1);
+    setenv("DB_STATEMENT_TIMEOUT_MS", "1000", 1);
+    setenv("PROCESSING_LEASE_MS", "3900", 1);
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), 0);
+    assert_int_equal(cfg.processing_lease_ms, 3900);
+    assert_true(cfg.processing_lease_set);
+    config_export(&cfg);
+    assert_string_equal(getenv("PROCESSING_LEASE_MS"), "3900");
+    /* A reload that makes jobs longer than the set lease is refused. */
+    assert_int_equal(config_set(&cfg, "GATEWAY_MAX_ATTEMPTS", "4", err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "PROCESSING_LEASE_MS"));
+    config_free(&cfg);
+
+    setenv("PROCESSING_LEASE_MS", "3899", 1);
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), -1);
+    const char *needles[] = {"PROCESSING_LEASE_MS",
+                             "3899",
+                             "3900",
+                             "GATEWAY_MAX_ATTEMPTS 3",
+                             "GATEWAY_TIMEOUT_MS 500",
+                             "GATEWAY_RETRY_CAP_MS 200",
+                             "DB_STATEMENT_TIMEOUT_MS 1000"};
+    for (size_t i = 0; i < sizeof(needles) / sizeof(needles[0]); i++) {
+        if (!strstr(err, needles[i]))
+            fail_msg("error '%s' does not name '%s'", err, needles[i]);
+    }
+    assert_null(strchr(err, '\n')); /* one line */
+
+    /* The defaults: 280 s of worst case, so the old 60 s lease is refused. */
+    unsetenv("GATEWAY_TIMEOUT_MS");
+    unsetenv("GATEWAY_MAX_ATTEMPTS");
+    unsetenv("GATEWAY_RETRY_CAP_MS");
+    unsetenv("DB_STATEMENT_TIMEOUT_MS");
+    setenv("PROCESSING_LEASE_MS", "60000", 1);
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "280000"));
+    setenv("PROCESSING_LEASE_MS", "5m", 1);
+    assert_int_equal(config_load(&cfg, NULL, err, sizeof(err)), 0);
+    assert_int_equal(cfg.processing_lease_ms, 300000);
+    config_free(&cfg);
+}
+
 int
 main(void)
 {
@@ -263,6 +393,9 @@ main(void)
         cmocka_unit_test_setup(test_file_errors, clear_env),
         cmocka_unit_test_setup(test_set_and_export, clear_env),
         cmocka_unit_test_setup(test_parsers, clear_env),
+        cmocka_unit_test_setup(test_remote_timeouts, clear_env),
+        cmocka_unit_test_setup(test_lease_derived, clear_env),
+        cmocka_unit_test_setup(test_lease_refused_when_too_short, clear_env),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
