@@ -299,18 +299,14 @@ api_route(struct evhttp_request *req, void *arg)
     http_reply_error(req, 404, "invalid_request_error", NULL, msg, NULL);
 }
 
-/* Sends the answer of a /v1 request and drops the flow's reference to it. */
+/* Writes the answer of a /v1 request (request.c decides when). */
 void
-api_send(struct api_req *r, int status, const char *body)
+api_write(struct api_req *r, int status, const char *body)
 {
-    if (r->responded)
-        return;
-    r->responded = true;
     http_reply_json(r->req, status, body);
     metric_http(role_metrics(r->api->ctx), r->mroute, status,
                 (uint64_t)(http_now_us() - r->started_us));
     log_debug("%s %d %lld us", r->route, status, (long long)(http_now_us() - r->started_us));
-    v1_release(r);
 }
 
 /* ---- lifecycle ---- */

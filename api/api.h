@@ -49,8 +49,12 @@ struct list_query {
 struct api_req;
 typedef void (*api_handler)(struct api_req *r);
 
+/* Where a request is in its life (request.c moves it, nothing else). */
+enum req_state { REQ_RECEIVED, REQ_CLAIMED, REQ_WAITING, REQ_ANSWERING, REQ_ANSWERED };
+
 /* One /v1 request from arrival to response. */
 struct api_req {
+    enum req_state state;
     struct api *api;
     struct evhttp_request *req;
     enum evhttp_cmd_type method;
@@ -69,16 +73,18 @@ struct api_req {
     int64_t idem_row;
     char idem_hash[65];
     char idem_redis_key[96];
+    char holder[160];      /* this request as the holder of its key's claim */
     int64_t idem_resource; /* internal id of a resource an earlier attempt created */
     int claim_tries;
     bool not_executed; /* refused before executing: the answer is not kept for the key */
     /* handler state */
-    struct event *timer;
+    struct event *timer;    /* CONFIRM_WAIT_MS while WAITING */
+    api_handler on_wait;    /* what the timer does (answers with pending_body) */
     char *pending_body;     /* the answer to give if the worker does not answer in time */
-    void *state;            /* a handler's parsed arguments between two callbacks */
+    void *state_data;       /* a handler's parsed arguments between two callbacks */
     struct list_query list; /* list endpoints: the page asked for */
-    bool responded;
-    int refs;               /* callbacks that may still arrive for this request */
+    int refs;               /* the flow, and callbacks that may still arrive for it */
+    int jobs_out;           /* gateway jobs sent and not answered */
     bool job_slot;          /* holds one of the api's MAX_PENDING_JOBS slots */
     const char *auth_error; /* why authentication failed (a fixed message) */
     /* The Redis side of the idempotency claim, taken in the limiter's call. */
@@ -91,7 +97,27 @@ struct api_req {
 
 /* api.c */
 void api_request_begin(struct api *api, struct evhttp_request *req);
-void api_send(struct api_req *r, int status, const char *body);
+/* Writes an answer to the client, with its metrics and log line. */
+void api_write(struct api_req *r, int status, const char *body);
+
+/* request.c: the request's lifetime (see there for the states). */
+struct api_req *request_new(struct api *api, struct evhttp_request *req);
+/* Its handler starts: the request owns its key, or has none. */
+void request_claimed(struct api_req *r);
+/* A gateway job is out: holds a reference until request_job_done(), and
+ * calls on_wait after wait_ms unless answered by then. */
+void request_wait(struct api_req *r, int64_t wait_ms, api_handler on_wait);
+void request_job_done(struct api_req *r);
+/* True until the request has started to answer. */
+bool request_open(const struct api_req *r);
+/* The one way to answer: stored under the key when it has one, then sent;
+ * later answers are dropped. */
+void request_answer(struct api_req *r, int status, const char *body);
+/* Sends now (a replay, or an answer just stored). */
+void request_send(struct api_req *r, int status, const char *body);
+void request_hold(struct api_req *r);
+void request_release(struct api_req *r);
+int request_live_count(void);
 
 /* v1.c */
 void v1_dispatch(struct api *api, struct evhttp_request *req);
@@ -107,8 +133,9 @@ void v1_too_many(struct api_req *r, int retry_after_s);
 bool v1_rows(struct api_req *r, PGresult *res, const char *err);
 /* 404 resource_missing for the :id of the request. */
 void v1_not_found(struct api_req *r, const char *what, const char *param);
-/* Drops one reference; frees the request when nothing refers to it. */
-void v1_release(struct api_req *r);
+/* The request's claim on its Idempotency-Key was taken over (SQLSTATE
+ * PD010 from a fenced write): answers 409 and stores nothing. */
+bool v1_claim_lost(struct api_req *r, PGresult *res);
 
 /* auth.c */
 struct auth_cache *auth_cache_new(void);
@@ -129,6 +156,9 @@ void idem_prepare(struct api_req *r);
 /* Goes on after the limiter's call reported the Redis claim (idem_redis). */
 void idem_resume(struct api_req *r);
 #define IDEM_REDIS_LOCK_MS "60000"
+/* Stores the answer under the key (checking the claim is still this
+ * request's), then sends it with request_send() and drops the store's
+ * reference. */
 void idem_finish(struct api_req *r, int status, const char *body);
 
 /* lists.c */
@@ -187,6 +217,10 @@ void intents_confirm(struct api_req *r);
 void intents_capture(struct api_req *r);
 void intents_cancel(struct api_req *r);
 #include "jobs.h"
+
+/* The job's wait, the lease of attempts, the first provider: every
+ * operation that starts a gateway attempt passes these. */
+#define INTENTS_LEASE(api) ((api)->ctx->cfg.processing_lease_ms)
 
 #define OBJ(alias) "payment_intent_object(ROW(" alias ".*)::payment_intents)::text"
 

@@ -7,14 +7,19 @@
  * The request carries no API key; its credential is the signature over the
  * raw body (Gateway-Signature, see signature.c) with the provider's
  * GATEWAY_WEBHOOK_SECRET, within 300 s either way. The client IP is rate
- * limited (RATE_LIMIT_CALLBACKS per minute). One statement applies it: the
- * gateway's event id is recorded (a repeat answers 200 and changes nothing),
- * the payment moves only from a state the outcome may follow (processing,
- * requires_action, requires_capture) and only for its latest charge, with
- * its transaction row and outbox event; a late or out-of-order callback for
- * a payment in a final state is recorded, logged and counted, and changes
- * nothing. A charge not known yet answers 404 so that the gateway sends it
- * again later. Calls api, signature, ratelimit, pgev.
+ * limited (RATE_LIMIT_CALLBACKS per minute). One statement applies it
+ * (gateway_callback in sql/010_attempts.sql): the gateway's event id is
+ * recorded (a repeat answers 200 and changes nothing), the charge is matched
+ * to its gateway attempt by the gateway's charge id or by the attempt's key
+ * the gateway echoes, and the outcome is applied only where the state
+ * machine allows it: to an attempt whose answer is still outstanding, to an
+ * open 3-D Secure charge of a payment in requires_action, to a capture that
+ * settles later; about a charge a void is racing, it is recorded on the
+ * charge and the void's answer decides. Anything else (a late or repeated
+ * outcome, a charge.failed for an authorization, a callback for an old
+ * attempt) is recorded, logged, counted and changes nothing. A charge not
+ * known yet answers 404 so that the gateway sends it again later. Calls
+ * api, signature, ratelimit, pgev.
  */
 #include <jansson.h>
 #include <stdio.h>
@@ -23,7 +28,6 @@
 #include <time.h>
 
 #include "api.h"
-#include "ids.h"
 #include "log.h"
 #include "signature.h"
 #include "xmalloc.h"
@@ -35,11 +39,11 @@ struct callback {
     char event_id[256];
     char type[64];
     char charge[128];
+    char key[160]; /* the attempt's idempotency key, when the gateway echoes it */
     char amount[24];
     char failure_code[64];
     char failure_message[256];
-    const char *status; /* what the payment becomes */
-    const char *event;  /* its outbox event */
+    const char *state; /* the charge's state the callback reports; NULL: not one we act on */
 };
 
 static void
@@ -54,91 +58,63 @@ static void
 callbacks_on_applied(void *arg, PGresult *res, const char *err)
 {
     struct api_req *r = arg;
-    struct callback *cb = r->state;
+    struct callback *cb = r->state_data;
     struct shm_metrics *m = role_metrics(r->api->ctx);
     if (!v1_rows(r, res, err))
         return;
-    if (PQgetisnull(res, 0, 1)) { /* no payment holds this charge (yet) */
+    const char *result = PQgetvalue(res, 0, 0);
+    const char *payment = PQgetvalue(res, 0, 1);
+    const char *before = PQgetvalue(res, 0, 2);
+    const char *after = PQgetvalue(res, 0, 3);
+    if (strcmp(result, "unknown") == 0) { /* no attempt holds this charge (yet) */
         callbacks_reject(r, 404, "resource_missing",
                          "No payment holds this charge; send the callback again later.");
         return;
     }
-    const char *payment = PQgetvalue(res, 0, 1);
-    const char *before = PQgetvalue(res, 0, 2);
-    if (strcmp(PQgetvalue(res, 0, 0), "0") == 0) {
+    if (strcmp(result, "duplicate") == 0) {
         metric_inc(m, MC_CALLBACKS_DUPLICATE);
         v1_respond(r, 200, "{\"received\":true,\"duplicate\":true}");
         return;
     }
-    if (strcmp(PQgetvalue(res, 0, 3), "0") == 0) {
+    if (strcmp(result, "ignored") == 0) {
         metric_inc(m, MC_CALLBACKS_IGNORED);
-        log_warn("gateway callback %s (%s) for payment %s ignored: the payment is %s", cb->event_id,
-                 cb->type, payment, before);
+        log_warn("gateway callback %s (%s) for payment %s ignored: the payment is %s and the "
+                 "state machine has no such transition for this charge",
+                 cb->event_id, cb->type, payment, before);
         v1_respond(r, 200, "{\"received\":true,\"applied\":false}");
         return;
     }
     metric_inc(m, MC_CALLBACKS_APPLIED);
-    log_info("gateway callback %s: payment %s %s -> %s", cb->event_id, payment, before, cb->status);
+    log_info("gateway callback %s (%s): payment %s %s -> %s", cb->event_id, cb->type, payment,
+             before, after);
     v1_respond(r, 200, "{\"received\":true,\"applied\":true}");
 }
 
 static void
 callbacks_apply(struct api_req *r)
 {
-    struct callback *cb = r->state;
-    char txn[64];
-    char *lpe = NULL;
-    ids_time_ordered(txn, sizeof(txn), "txn_", 8);
-    if (strcmp(cb->status, "requires_payment_method") == 0) {
-        json_t *e = json_pack("{s:s,s:s,s:s}", "type", "card_error", "code",
-                              cb->failure_code[0] ? cb->failure_code : "card_declined", "message",
-                              "Your card was declined.");
-        lpe = json_dumps(e, JSON_COMPACT);
-        json_decref(e);
-    }
+    struct callback *cb = r->state_data;
+    char lease[24];
+    snprintf(lease, sizeof(lease), "%lld", (long long)INTENTS_LEASE(r->api));
     const char *params[11] = {cb->provider,
                               cb->event_id,
                               cb->type,
                               cb->charge,
-                              cb->status,
+                              cb->key[0] ? cb->key : NULL,
+                              cb->state,
                               cb->amount[0] ? cb->amount : NULL,
-                              lpe,
-                              cb->event,
-                              txn,
                               cb->failure_code[0] ? cb->failure_code : NULL,
-                              cb->failure_message[0] ? cb->failure_message : NULL};
-    /* The states an outcome may follow; any other (a final one) is kept. */
-    pgev_exec(
-        r->api->pg,
-        "WITH cur AS (SELECT p.id, p.status, p.public_id, p.latest_charge FROM payment_intents p"
-        "  WHERE p.gateway_provider = $1 AND (p.latest_charge = $4 OR p.gateway_intent_id = $4)"
-        "  ORDER BY p.latest_charge = $4 DESC LIMIT 1 FOR UPDATE),"
-        " ins AS (INSERT INTO gateway_events (provider, event_id, type, payment_intent_id, applied)"
-        "  SELECT $1, $2, $3, cur.id, cur.latest_charge = $4"
-        "   AND cur.status IN ('processing', 'requires_action', 'requires_capture') FROM cur"
-        "  ON CONFLICT DO NOTHING RETURNING applied),"
-        " upd AS (UPDATE payment_intents p SET status = $5,"
-        "  amount_received = CASE WHEN $5 = 'succeeded' THEN coalesce($6::bigint, p.amount)"
-        "   ELSE p.amount_received END,"
-        "  amount_capturable = 0, last_payment_error = $7::jsonb, next_action = NULL,"
-        "  version = p.version + 1, updated_at = now()"
-        "  FROM cur WHERE p.id = cur.id AND (SELECT applied FROM ins) RETURNING p.*),"
-        " tx AS (INSERT INTO payment_transactions (transaction_id, payment_intent_id, type,"
-        "  status, amount, currency, gateway_provider, gateway_transaction_id, failure_code,"
-        "  failure_message, processed_at)"
-        "  SELECT $9, upd.id, CASE WHEN $3 = 'charge.captured' THEN 'capture' ELSE 'charge' END,"
-        "  CASE WHEN $5 = 'succeeded' THEN 'succeeded' ELSE 'failed' END,"
-        "  CASE WHEN $5 = 'succeeded' THEN upd.amount_received ELSE upd.amount END,"
-        "  upd.currency, $1, $4, $10, $11, now() FROM upd RETURNING 1),"
-        " saga AS (SELECT saga_outcome_event(ROW(upd.*)::payment_intents, $9, $11) FROM upd"
-        "  WHERE upd.order_id IS NOT NULL),"
-        " ev AS (SELECT outbox_event(upd.account_id, $8,"
-        "  payment_intent_object(ROW(upd.*)::payment_intents), upd.public_id) FROM upd)"
-        " SELECT (SELECT count(*) FROM ins), (SELECT public_id FROM cur), (SELECT status FROM cur),"
-        "  (SELECT count(*) FROM upd), (SELECT count(*) FROM tx), (SELECT count(*) FROM ev),"
-        "  (SELECT count(*) FROM saga)",
-        11, params, callbacks_on_applied, r);
-    free(lpe);
+                              cb->failure_message[0] ? cb->failure_message : NULL,
+                              r->api->ctx->cfg.providers[0].name,
+                              lease};
+    /* The state machine decides (sql/010_attempts.sql gateway_callback):
+     * the callback is matched to its attempt and applied only where the
+     * table allows it from the payment's state; else recorded and ignored. */
+    pgev_exec(r->api->pg,
+              "SELECT result, coalesce(payment, ''), coalesce(status_before, ''),"
+              " coalesce(status, '') FROM gateway_callback($1, $2, $3, $4, $5, $6, $7::bigint,"
+              " $8, $9, $10, $11::bigint)",
+              11, params, callbacks_on_applied, r);
 }
 
 static int
@@ -180,16 +156,23 @@ callbacks_decode(struct callback *cb, const char *body, size_t len, const char *
     json_t *amount = json_object_get(obj, "amount_captured");
     if (json_is_integer(amount) && json_integer_value(amount) > 0)
         snprintf(cb->amount, sizeof(cb->amount), "%lld", (long long)json_integer_value(amount));
-    if (strcmp(cb->type, "charge.succeeded") == 0 || strcmp(cb->type, "charge.captured") == 0) {
-        cb->status = "succeeded";
-        cb->event = "payment_intent.succeeded";
+    /* Our attempt's key, when the gateway echoes it (metadata, or its own field). */
+    const char *key =
+        json_string_value(json_object_get(json_object_get(obj, "metadata"), "paymentd_attempt"));
+    if (!key)
+        key = json_string_value(json_object_get(obj, "idempotency_key"));
+    if (key && strlen(key) < sizeof(cb->key))
+        snprintf(cb->key, sizeof(cb->key), "%s", key);
+    const char *status = json_string_value(json_object_get(obj, "status"));
+    if (strcmp(cb->type, "charge.succeeded") == 0) {
+        /* Captured, or only authorized (manual capture). */
+        bool authorized_only = json_is_false(json_object_get(obj, "captured")) ||
+                               (status && strcmp(status, "requires_capture") == 0);
+        cb->state = authorized_only ? "requires_capture" : "succeeded";
+    } else if (strcmp(cb->type, "charge.captured") == 0) {
+        cb->state = "succeeded";
     } else if (strcmp(cb->type, "charge.failed") == 0) {
-        cb->status = "requires_payment_method";
-        cb->event = "payment_intent.payment_failed";
-    } else {
-        *why = "Unknown callback type: expected charge.succeeded, charge.captured or "
-               "charge.failed.";
-        goto out;
+        cb->state = "failed";
     }
     rc = 0;
 out:
@@ -201,7 +184,7 @@ static void
 callbacks_on_limited(struct api_req *r, int retry_after_s)
 {
     const struct config *cfg = &r->api->ctx->cfg;
-    struct callback *cb = r->state;
+    struct callback *cb = r->state_data;
     if (retry_after_s > 0) {
         v1_too_many(r, retry_after_s);
         return;
@@ -244,12 +227,19 @@ callbacks_on_limited(struct api_req *r, int retry_after_s)
         callbacks_reject(r, 400, "parameter_invalid", why);
         return;
     }
+    if (!cb->state) { /* a type this service does not act on: counted, acknowledged */
+        metric_inc(role_metrics(r->api->ctx), MC_CALLBACKS_IGNORED);
+        log_info("gateway callback %s of type %s ignored: not a charge outcome", cb->event_id,
+                 cb->type);
+        v1_respond(r, 200, "{\"received\":true,\"applied\":false}");
+        return;
+    }
     callbacks_apply(r);
 }
 
 void
 callbacks_receive(struct api_req *r)
 {
-    r->state = xcalloc(1, sizeof(struct callback));
+    r->state_data = xcalloc(1, sizeof(struct callback));
     ratelimit_check(r, RL_CALLBACK, callbacks_on_limited);
 }

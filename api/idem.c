@@ -66,7 +66,7 @@ idem_replay(struct api_req *r, int status, const char *body)
     r->idem_replay = true;
     metric_inc(role_metrics(r->api->ctx), MC_IDEMPOTENT_REPLAYS);
     evhttp_add_header(evhttp_request_get_output_headers(r->req), "Idempotent-Replayed", "true");
-    api_send(r, status, body);
+    request_send(r, status, body);
 }
 
 static void
@@ -150,6 +150,7 @@ idem_on_takeover(void *arg, PGresult *res, const char *err)
         return;
     }
     r->idem_owner = true;
+    request_claimed(r);
     if (!PQgetisnull(res, 0, 0)) {
         log_info("idempotency key %s: resuming after an interrupted request", r->idem_key);
         intents_respond_current(r, strtoll(PQgetvalue(res, 0, 0), NULL, 10));
@@ -178,6 +179,7 @@ idem_on_claim(void *arg, PGresult *res, const char *err)
     r->idem_row = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
     if (strcmp(PQgetvalue(res, 0, 0), "new") == 0) {
         r->idem_owner = true;
+        request_claimed(r);
         r->handler(r);
         return;
     }
@@ -203,7 +205,7 @@ idem_on_claim(void *arg, PGresult *res, const char *err)
                  r->idem_key);
     char row[32];
     snprintf(row, sizeof(row), "%lld", (long long)r->idem_row);
-    const char *params[3] = {row, r->api->owner, holder};
+    const char *params[3] = {row, r->holder, holder};
     pgev_exec(r->api->pg,
               "UPDATE idempotency_keys SET locked_at = now(), locked_by = $2 WHERE id = $1"
               " AND response_code IS NULL AND (locked_at IS NULL OR locked_at < now() - "
@@ -218,7 +220,7 @@ idem_claim_pg(struct api_req *r)
     const char *method = r->method == EVHTTP_REQ_POST ? "POST" : "GET";
     const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(r->req));
     snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
-    const char *params[6] = {account, r->idem_key, method, path, r->idem_hash, r->api->owner};
+    const char *params[6] = {account, r->idem_key, method, path, r->idem_hash, r->holder};
     pgev_exec(r->api->pg,
               "WITH ins AS ("
               " INSERT INTO idempotency_keys (account_id, idempotency_key, request_method,"
@@ -241,7 +243,11 @@ idem_claim_pg(struct api_req *r)
 void
 idem_prepare(struct api_req *r)
 {
+    static unsigned long long claims;
     uint8_t hash[32];
+    /* The holder names this process and this request: a claim taken over
+     * from it fences exactly this request's later writes. */
+    snprintf(r->holder, sizeof(r->holder), "%s#%llu", r->api->owner, ++claims);
     char *canon = params_canonical(r->params);
     const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(r->req));
     char *text = xasprintf("POST %s %s", path, canon);
@@ -297,6 +303,7 @@ struct idem_store {
     int status;
     char *body;
     char row[32];
+    char holder[160];
     bool release;
     int tries;
     struct event *timer;
@@ -328,11 +335,16 @@ idem_on_stored(void *arg, PGresult *res, const char *err)
     struct api_req *r = st->r;
     bool ok =
         res && (PQresultStatus(res) == PGRES_COMMAND_OK || PQresultStatus(res) == PGRES_TUPLES_OK);
+    /* The claim was taken over meanwhile: the new holder's answer is the key's. */
+    bool kept = ok && strcmp(PQcmdTuples(res), "0") != 0;
+    if (ok && !kept && !st->release)
+        log_warn("idempotency key row %s: claim taken over; this answer is not kept", st->row);
     if (r) {
-        if (ok && !st->release)
+        if (kept && !st->release)
             idem_redis_store(r, st->status, st->body);
-        api_send(r, st->status, st->body);
         st->r = NULL;
+        request_send(r, st->status, st->body);
+        request_release(r); /* the store's reference */
     }
     if (ok) {
         if (st->tries > 1)
@@ -365,22 +377,24 @@ idem_write(struct idem_store *st)
     st->tries++;
     if (st->release) {
         /* Nothing was done under this key: remove it; if a resource was
-         * made after all, unlock it so a retry answers with that. */
-        const char *params[1] = {st->row};
+         * made after all, unlock it so a retry answers with that. Only
+         * while this request still holds the claim. */
+        const char *params[2] = {st->row, st->holder};
         pgev_exec(st->api->pg,
                   "WITH d AS (DELETE FROM idempotency_keys WHERE id = $1 AND resource_id IS NULL"
-                  "  RETURNING 1)"
+                  "  AND locked_by = $2 RETURNING 1)"
                   " UPDATE idempotency_keys SET locked_at = NULL WHERE id = $1"
-                  "  AND resource_id IS NOT NULL AND response_code IS NULL",
-                  1, params, idem_on_stored, st);
+                  "  AND resource_id IS NOT NULL AND response_code IS NULL AND locked_by = $2",
+                  2, params, idem_on_stored, st);
         return;
     }
     snprintf(code, sizeof(code), "%d", st->status);
-    const char *params[3] = {st->row, code, st->body};
+    const char *params[4] = {st->row, code, st->body, st->holder};
     pgev_exec(st->api->pg,
               "UPDATE idempotency_keys SET response_code = $2, response_body = $3,"
-              " locked_at = NULL, recovery_point = 'finished' WHERE id = $1",
-              3, params, idem_on_stored, st);
+              " locked_at = NULL, recovery_point = 'finished' WHERE id = $1 AND locked_by = $4"
+              " AND response_code IS NULL",
+              4, params, idem_on_stored, st);
 }
 
 void
@@ -392,8 +406,9 @@ idem_finish(struct api_req *r, int status, const char *body)
     st->status = status;
     st->body = xstrdup(body);
     st->release = r->not_executed;
-    r->idem_owner = false; /* v1_respond() goes straight to the client from now on */
+    r->idem_owner = false;
     snprintf(st->row, sizeof(st->row), "%lld", (long long)r->idem_row);
+    snprintf(st->holder, sizeof(st->holder), "%s", r->holder);
     if (st->release && redisev_connected(r->api->redis)) {
         const char *argv[2] = {"DEL", r->idem_redis_key};
         redisev_command(r->api->redis, NULL, NULL, 2, argv);

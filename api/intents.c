@@ -2,17 +2,20 @@
  * intents - the PaymentIntent endpoints: create, retrieve, update, list,
  * confirm, capture and cancel.
  *
- * Offers intents_create() ... intents_cancel() and
- * intents_respond_current(). Every state change is one SQL statement: it
- * locks the intent, checks the transition against the states allowed for
- * it (payment_intent_unexpected_state otherwise, never a silent overwrite),
- * bumps version, writes the outbox event and returns the object, so a
- * change and its event commit together or not at all. Another account's
- * intent is simply not found (404). Gateway work (confirm, capture, cancel
- * of an authorization) goes to a worker over NNG, one REQ context per job;
- * the client gets the worker's answer, or the intent as `processing` after
- * CONFIRM_WAIT_MS while the job goes on. A declined card answers 402 with
- * a card_error, as Stripe does. Calls api, params, pgev, nngev, money, ids.
+ * Offers intents_create() ... intents_cancel(), intents_can_send_job() and
+ * intents_respond_current(). Every state change is one call of a SQL
+ * function of sql/010_attempts.sql (pi_create, pi_update, pi_confirm,
+ * pi_capture, pi_cancel): it locks the intent, asks the state machine's
+ * table whether the operation is allowed from its status (a refusal answers
+ * payment_intent_unexpected_state, never a silent overwrite), checks that
+ * this request still holds its Idempotency-Key claim, and writes the change,
+ * its event and — when the operation moves money — the gateway attempt, in
+ * one transaction. The attempt goes to a worker over NNG (one REQ context
+ * per job); the client gets the outcome, or the intent as `processing`
+ * after CONFIRM_WAIT_MS while the job goes on. A declined card answers 402
+ * with a card_error, as Stripe does; a capture the gateway refused answers
+ * 400. Another account's intent is simply not found (404). Calls api,
+ * request, params, pgev, nngev, jobs, money, ids.
  */
 #include <event2/buffer.h>
 #include <stdint.h>
@@ -26,10 +29,6 @@
 #include "log.h"
 #include "money.h"
 #include "xmalloc.h"
-
-/* States from which each operation may start: the one table of legal
- * transitions that start in the api (workers finish them). */
-#define OPEN_STATES "'requires_payment_method','requires_confirmation','requires_action'"
 
 static const char *const create_params[] = {"amount",         "currency",   "customer",
                                             "description",    "metadata",   "capture_method",
@@ -94,7 +93,53 @@ intents_found(struct api_req *r, PGresult *res, const char *err)
     return true;
 }
 
-/* ---- worker jobs ---- */
+/* What a request says about its claim, for the fenced SQL functions. */
+struct intents_claim {
+    char row[24];
+    const char *row_or_null, *holder_or_null;
+    char account[24], lease[24];
+};
+
+static void
+intents_claim(const struct api_req *r, struct intents_claim *c)
+{
+    snprintf(c->row, sizeof(c->row), "%lld", (long long)r->idem_row);
+    c->row_or_null = r->idem_row ? c->row : NULL;
+    c->holder_or_null = r->idem_row ? r->holder : NULL;
+    snprintf(c->account, sizeof(c->account), "%lld", (long long)r->account_id);
+    snprintf(c->lease, sizeof(c->lease), "%lld", (long long)INTENTS_LEASE(r->api));
+}
+
+/* The outcome of a capture or a cancel, as Stripe answers them. */
+static void
+intents_respond_outcome(struct api_req *r, const char *obj)
+{
+    json_t *o = json_loads(obj, 0, NULL);
+    const char *status = o ? json_string_value(json_object_get(o, "status")) : NULL;
+    char st[40];
+    snprintf(st, sizeof(st), "%s", status ? status : "unknown");
+    json_decref(o);
+    if (r->mroute == MR_PI_CAPTURE && strcmp(st, "requires_capture") == 0) {
+        v1_error(r, 400, "invalid_request_error", "capture_refused",
+                 "The payment gateway refused to capture this PaymentIntent; its authorization "
+                 "stands and can be captured again or canceled.",
+                 NULL);
+    } else if (r->mroute == MR_PI_CAPTURE && strcmp(st, "canceled") == 0) {
+        v1_error(r, 400, "invalid_request_error", "charge_expired_for_capture",
+                 "The authorization of this PaymentIntent expired or was voided at the gateway; "
+                 "it was canceled and nothing was captured.",
+                 NULL);
+    } else if (r->mroute == MR_PI_CAPTURE && strcmp(st, "succeeded") != 0 &&
+               strcmp(st, "processing") != 0) {
+        intents_unexpected_state(r, "capture", st);
+    } else if (r->mroute == MR_PI_CANCEL && strcmp(st, "canceled") != 0 &&
+               strcmp(st, "processing") != 0) {
+        /* The charge completed before the void reached it: it stands. */
+        intents_unexpected_state(r, "cancel", st);
+    } else {
+        intents_respond_object(r, obj);
+    }
+}
 
 struct intents_job {
     struct api_req *r;
@@ -106,33 +151,26 @@ intents_on_job_reply(void *arg, int err, nng_msg *reply)
     struct intents_job *job = arg;
     struct api_req *r = job->r;
     free(job);
-    r->api->jobs_in_flight--;
-    r->job_slot = false;
     if (err) {
         log_warn("%s %s: worker job failed: %s; the payment stays processing", r->route, r->id,
                  nng_strerror(err));
-        if (!r->responded && r->pending_body)
+        if (request_open(r))
             intents_respond_object(r, r->pending_body);
-        v1_release(r);
+        request_job_done(r);
         return;
     }
     /* The decoded envelope points into the message: free it last. */
     struct envelope env;
     enum envelope_error e = envelope_decode(&env, nng_msg_body(reply), nng_msg_len(reply));
+    const msgpack_object *obj = e == ENV_OK ? envelope_get(env.body, "object") : NULL;
     if (e != ENV_OK || strcmp(env.type, MSG_JOB_REPLY) != 0) {
         log_warn("%s: bad worker reply: %s", r->route, envelope_strerror(e));
-        if (!r->responded && r->pending_body)
+        if (request_open(r))
             intents_respond_object(r, r->pending_body);
-        envelope_free(&env);
-        nng_msg_free(reply);
-        v1_release(r);
-        return;
-    }
-    const msgpack_object *obj = envelope_get(env.body, "object");
-    if (!r->responded) {
+    } else if (request_open(r)) {
         if (obj && obj->type == MSGPACK_OBJECT_STR) {
             char *text = xstrndup(obj->via.str.ptr, obj->via.str.size);
-            intents_respond_object(r, text);
+            intents_respond_outcome(r, text);
             free(text);
         } else {
             /* The worker could not finish or record it (its database
@@ -143,27 +181,20 @@ intents_on_job_reply(void *arg, int err, nng_msg *reply)
             envelope_get_str(env.body, "error", msg, sizeof(msg));
             log_warn("%s %s: worker: %s; answering with the payment as it stands", r->route, r->id,
                      msg);
-            if (r->pending_body)
-                intents_respond_object(r, r->pending_body);
-            else
-                v1_error(r, 500, "api_error", NULL, "The payment could not be processed.", NULL);
+            intents_respond_object(r, r->pending_body);
         }
     }
     envelope_free(&env);
     nng_msg_free(reply);
-    v1_release(r);
+    request_job_done(r);
 }
 
 static void
-intents_on_wait_timeout(evutil_socket_t fd, short what, void *arg)
+intents_on_wait(struct api_req *r)
 {
-    struct api_req *r = arg;
-    (void)fd;
-    (void)what;
     /* The worker is slow or absent: answer with the intent as it stands
      * (processing); the job goes on and its outcome is stored. */
-    if (!r->responded && r->pending_body)
-        intents_respond_object(r, r->pending_body);
+    intents_respond_object(r, r->pending_body);
 }
 
 bool
@@ -184,40 +215,61 @@ intents_can_send_job(struct api_req *r)
     return false;
 }
 
-/* Sends a gateway job for request r and arms the CONFIRM_WAIT_MS answer. */
+/* Sends the attempt named in row 0 of res to a worker and waits for its
+ * answer (or CONFIRM_WAIT_MS, then answers pending_body). */
 static void
-intents_send_job(struct api_req *r, const char *op, PGresult *res, int row, int amount_col,
-                 int64_t amount_to_capture, const char *reason, const char *pending_body)
+intents_send_job(struct api_req *r, PGresult *res, const char *pending_body)
 {
     size_t n;
     struct api *api = r->api;
     const struct config *cfg = &api->ctx->cfg;
-    void *bytes = jobs_message(op, r->id, shm_now_ms() + cfg->job_timeout_ms, res, row, amount_col,
-                               amount_to_capture, reason, &n);
-
+    void *bytes = jobs_message(r->id, shm_now_ms() + cfg->job_timeout_ms, res, 0, false, &n);
+    if (!bytes) {
+        intents_respond_object(r, pending_body);
+        return;
+    }
     free(r->pending_body);
     r->pending_body = xstrdup(pending_body);
     struct intents_job *job = xmalloc(sizeof(*job));
     job->r = r;
-    r->refs++;
     if (!r->job_slot) { /* a job without a reservation (cancel of an authorization) */
         api->jobs_in_flight++;
         r->job_slot = true;
     }
+    request_wait(r, api->confirm_wait_ms, intents_on_wait);
     nngev_request(api->ctx->nngev, api->workers, nngev_msg(bytes, n), (int)cfg->job_timeout_ms,
                   intents_on_job_reply, job);
     free(bytes);
-    r->timer = evtimer_new(api->ctx->base, intents_on_wait_timeout, r);
-    struct timeval tv = {(time_t)(api->confirm_wait_ms / 1000),
-                         (suseconds_t)((api->confirm_wait_ms % 1000) * 1000)};
-    evtimer_add(r->timer, &tv);
+}
+
+/* The column `name` of row 0, or NULL when it is NULL. */
+static const char *
+intents_col(PGresult *res, const char *name)
+{
+    int col = PQfnumber(res, name);
+    if (col < 0)
+        abort(); /* a statement of ours lost a column */
+    return PQgetisnull(res, 0, col) ? NULL : PQgetvalue(res, 0, col);
+}
+
+/* A pi_* function ran and found the intent (is_found); otherwise answers
+ * and says no. */
+static bool
+intents_locked(struct api_req *r, PGresult *res, const char *err)
+{
+    if (!v1_rows(r, res, err))
+        return false;
+    if (PQntuples(res) != 1 || strcmp(intents_col(res, "is_found"), "t") != 0) {
+        v1_not_found(r, "payment_intent", "intent");
+        return false;
+    }
+    return true;
 }
 
 /* ---- create ---- */
 
 struct create_args {
     char public_id[40];
-    char account[24];
     char amount[24];
     char currency[4];
     const char *customer, *description, *payment_method, *capture_method;
@@ -231,14 +283,14 @@ intents_on_created(void *arg, PGresult *res, const char *err)
     struct api_req *r = arg;
     if (!v1_rows(r, res, err))
         return;
-    if (PQntuples(res) != 1) {
+    if (PQntuples(res) != 1 || !intents_col(res, "object")) {
         v1_db_error(r, "insert returned no row");
         return;
     }
-    snprintf(r->id, sizeof(r->id), "%s", PQgetvalue(res, 0, 2));
-    const char *obj = PQgetvalue(res, 0, 0);
-    if (strcmp(PQgetvalue(res, 0, 1), "processing") == 0) {
-        intents_send_job(r, "confirm", res, 0, 3 + JOB_AMOUNT_COL_OFFSET, 0, NULL, obj);
+    snprintf(r->id, sizeof(r->id), "%s", intents_col(res, "public_id"));
+    const char *obj = intents_col(res, "object");
+    if (jobs_has_attempt(res, 0)) {
+        intents_send_job(r, res, obj);
         return;
     }
     v1_respond(r, 200, obj);
@@ -400,14 +452,10 @@ intents_create(struct api_req *r)
         json_decref(meta);
     }
     ids_time_ordered(a.public_id, sizeof(a.public_id), "pi_", 8);
-    snprintf(a.account, sizeof(a.account), "%lld", (long long)r->account_id);
-    char idem[24];
-    snprintf(idem, sizeof(idem), "%lld", (long long)r->idem_row);
-    const char *status = a.confirm          ? "processing"
-                         : a.payment_method ? "requires_confirmation"
-                                            : "requires_payment_method";
-    const char *params[12] = {a.public_id,
-                              a.account,
+    struct intents_claim c;
+    intents_claim(r, &c);
+    const char *params[15] = {a.public_id,
+                              c.account,
                               a.amount,
                               a.currency,
                               a.customer,
@@ -415,26 +463,17 @@ intents_create(struct api_req *r)
                               a.metadata,
                               a.capture_method ? a.capture_method : "automatic",
                               a.payment_method,
-                              status,
-                              r->idem_row ? idem : NULL,
-                              a.confirm ? r->api->ctx->cfg.providers[0].name : NULL};
-    pgev_exec(
-        r->api->pg,
-        "WITH upd AS ("
-        " INSERT INTO payment_intents (public_id, account_id, amount, currency, customer,"
-        "  description, metadata, capture_method, payment_method, status,"
-        "  gateway_provider, expires_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6, coalesce($7::jsonb, '{}'), $8, $9, $10, $12,"
-        "  now() + interval '24 hours')"
-        " RETURNING *),"
-        " ev AS (SELECT outbox_event(upd.account_id, 'payment_intent.created', " OBJ(
-            "upd") "::json, upd.public_id) FROM upd),"
-                   " idem AS (UPDATE idempotency_keys SET recovery_point = 'created',"
-                   "  resource_id = (SELECT id FROM upd) WHERE id = $11::bigint RETURNING 1)"
-                   " SELECT " OBJ(
-                       "upd") ", upd.status, upd.public_id, " JOB_COLS ","
-                              " (SELECT count(*) FROM ev), (SELECT count(*) FROM idem) FROM upd",
-        12, params, intents_on_created, r);
+                              a.confirm ? "t" : "f",
+                              NULL, /* no order: the saga's */
+                              r->api->ctx->cfg.providers[0].name,
+                              c.row_or_null,
+                              c.holder_or_null,
+                              c.lease};
+    pgev_exec(r->api->pg,
+              "SELECT r.object, r.status, r.public_id, j.* FROM pi_create($1, $2::bigint,"
+              " $3::bigint, $4, $5, $6, $7::jsonb, $8, $9, $10::boolean, $11, $12, $13::bigint,"
+              " $14, $15::bigint) r" JOBS_JOIN,
+              15, params, intents_on_created, r);
     free(a.metadata);
 }
 
@@ -484,20 +523,30 @@ static void
 intents_on_updated(void *arg, PGresult *res, const char *err)
 {
     struct api_req *r = arg;
-    if (!intents_found(r, res, err))
+    if (!intents_locked(r, res, err))
         return;
-    if (PQgetisnull(res, 0, 1)) {
-        intents_unexpected_state(r, "update", PQgetvalue(res, 0, 0));
+    const char *refused = intents_col(res, "refused");
+    if (refused && strcmp(refused, "locked_in_action") == 0) {
+        v1_error(r, 400, "invalid_request_error", "payment_intent_unexpected_state",
+                 "You cannot update amount, currency, payment_method or capture_method of this "
+                 "PaymentIntent while it has a status of requires_action (the customer is "
+                 "authenticating that charge): confirm it again with a new payment_method, or "
+                 "cancel it.",
+                 NULL);
         return;
     }
-    v1_respond(r, 200, PQgetvalue(res, 0, 1));
+    if (refused) {
+        intents_unexpected_state(r, "update", refused);
+        return;
+    }
+    v1_respond(r, 200, intents_col(res, "object"));
 }
 
 void
 intents_update(struct api_req *r)
 {
     struct params_error e;
-    char amount[24], currency[4], account[24];
+    char amount[24], currency[4];
     const char *customer = NULL, *description = NULL, *pm = NULL, *capture = NULL;
     json_t *meta = NULL;
     bool clear = false;
@@ -516,9 +565,10 @@ intents_update(struct api_req *r)
     }
     char *meta_text = meta ? json_dumps(meta, JSON_COMPACT) : NULL;
     json_decref(meta);
-    snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
-    const char *params[12] = {r->id,
-                              account,
+    struct intents_claim c;
+    intents_claim(r, &c);
+    const char *params[14] = {r->id,
+                              c.account,
                               has_amount == 0 ? amount : NULL,
                               has_currency == 0 ? currency : NULL,
                               has_customer == 0 ? "t" : "f",
@@ -528,26 +578,13 @@ intents_update(struct api_req *r)
                               clear ? "t" : "f",
                               meta_text,
                               pm,
-                              capture};
+                              capture,
+                              c.row_or_null,
+                              c.holder_or_null};
     pgev_exec(r->api->pg,
-              "WITH cur AS (SELECT id, status FROM payment_intents"
-              "  WHERE public_id = $1 AND account_id = $2 FOR UPDATE),"
-              " upd AS (UPDATE payment_intents p SET"
-              "  amount = coalesce($3::bigint, p.amount),"
-              "  currency = coalesce($4, p.currency),"
-              "  customer = CASE WHEN $5::boolean THEN nullif($6, '') ELSE p.customer END,"
-              "  description = CASE WHEN $7::boolean THEN nullif($8, '') ELSE p.description END,"
-              "  metadata = CASE WHEN $9::boolean THEN '{}'::jsonb"
-              "   ELSE jsonb_strip_nulls(p.metadata || coalesce($10::jsonb, '{}'::jsonb)) END,"
-              "  payment_method = coalesce($11, p.payment_method),"
-              "  capture_method = coalesce($12, p.capture_method),"
-              "  status = CASE WHEN $11 IS NOT NULL AND p.status = 'requires_payment_method'"
-              "   THEN 'requires_confirmation' ELSE p.status END,"
-              "  version = p.version + 1, updated_at = now()"
-              "  FROM cur WHERE p.id = cur.id AND cur.status IN (" OPEN_STATES ")"
-              "  RETURNING p.*)"
-              " SELECT (SELECT status FROM cur), (SELECT " OBJ("upd") " FROM upd)",
-              12, params, intents_on_updated, r);
+              "SELECT * FROM pi_update($1, $2::bigint, $3::bigint, $4, $5::boolean, $6,"
+              " $7::boolean, $8, $9::boolean, $10::jsonb, $11, $12, $13::bigint, $14)",
+              14, params, intents_on_updated, r);
     free(meta_text);
 }
 
@@ -557,11 +594,11 @@ static void
 intents_on_confirm_started(void *arg, PGresult *res, const char *err)
 {
     struct api_req *r = arg;
-    if (!intents_found(r, res, err))
+    if (!intents_locked(r, res, err))
         return;
-    if (PQgetisnull(res, 0, 3)) { /* no upd row: the transition was refused */
-        const char *status = PQgetvalue(res, 0, 0);
-        if (strcmp(PQgetvalue(res, 0, 1), "f") == 0 &&
+    if (!jobs_has_attempt(res, 0)) { /* the transition was refused */
+        const char *status = intents_col(res, "status_before");
+        if (strcmp(intents_col(res, "has_pm"), "f") == 0 &&
             strcmp(status, "requires_payment_method") == 0) {
             struct params_error e;
             params_fail(&e, 400, "parameter_missing", "payment_method",
@@ -573,8 +610,7 @@ intents_on_confirm_started(void *arg, PGresult *res, const char *err)
         intents_unexpected_state(r, "confirm", status);
         return;
     }
-    intents_send_job(r, "confirm", res, 0, 3 + JOB_AMOUNT_COL_OFFSET, 0, NULL,
-                     PQgetvalue(res, 0, 2));
+    intents_send_job(r, res, intents_col(res, "object"));
 }
 
 void
@@ -582,7 +618,6 @@ intents_confirm(struct api_req *r)
 {
     struct params_error e;
     const char *pm = NULL, *capture = NULL, *return_url = NULL;
-    char account[24];
     if (params_only(r->params, confirm_params, &e) < 0 ||
         intents_token(r->params, "payment_method", &pm, &e) < 0 ||
         intents_capture_method(r->params, &capture, &e) < 0 ||
@@ -592,102 +627,77 @@ intents_confirm(struct api_req *r)
     }
     if (!intents_can_send_job(r))
         return;
-    snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
-    char idem[24];
-    snprintf(idem, sizeof(idem), "%lld", (long long)r->idem_row);
-    const char *params[6] = {
-        r->id, account, pm, capture, r->api->ctx->cfg.providers[0].name, r->idem_row ? idem : NULL};
+    struct intents_claim c;
+    intents_claim(r, &c);
+    const char *params[8] = {
+        r->id,         c.account,        pm,     capture, r->api->ctx->cfg.providers[0].name,
+        c.row_or_null, c.holder_or_null, c.lease};
     pgev_exec(r->api->pg,
-              "WITH cur AS (SELECT id, status, payment_method FROM payment_intents"
-              "  WHERE public_id = $1 AND account_id = $2 FOR UPDATE),"
-              " upd AS (UPDATE payment_intents p SET status = 'processing',"
-              "  payment_method = coalesce($3, p.payment_method),"
-              "  capture_method = coalesce($4, p.capture_method), gateway_provider = $5,"
-              "  last_payment_error = NULL, next_action = NULL,"
-              "  version = p.version + 1, updated_at = now()"
-              "  FROM cur WHERE p.id = cur.id AND cur.status IN (" OPEN_STATES ")"
-              "  AND coalesce($3, cur.payment_method) IS NOT NULL RETURNING p.*),"
-              /* A retry of this key after its api died answers with the payment. */
-              " idem AS (UPDATE idempotency_keys SET recovery_point = 'confirm_started',"
-              "  resource_id = upd.id FROM upd WHERE idempotency_keys.id = $6::bigint)"
-              " SELECT (SELECT status FROM cur), (SELECT payment_method IS NOT NULL FROM cur),"
-              "  " OBJ("upd") ", " JOB_COLS " FROM (SELECT 1) one LEFT JOIN upd ON true",
-              6, params, intents_on_confirm_started, r);
+              "SELECT r.is_found, r.status_before, r.has_pm, r.object, j.* FROM pi_confirm($1,"
+              " $2::bigint, $3, $4, $5, $6::bigint, $7, $8::bigint) r" JOBS_JOIN,
+              8, params, intents_on_confirm_started, r);
 }
 
-/* ---- capture and cancel of an authorization (worker jobs) ---- */
-
-struct capture_args {
-    int64_t amount_to_capture; /* 0: all */
-    const char *reason;
-    bool cancel;
-};
+/* ---- capture and cancel ---- */
 
 static void
-intents_on_locked(void *arg, PGresult *res, const char *err)
+intents_on_capture_started(void *arg, PGresult *res, const char *err)
 {
     struct api_req *r = arg;
-    struct capture_args *a = r->state;
-    r->state = NULL;
-    if (!intents_found(r, res, err)) {
-        free(a);
+    if (!intents_locked(r, res, err))
         return;
-    }
-    const char *status = PQgetvalue(res, 0, 0);
-    const char *obj = PQgetvalue(res, 0, 1);
-    int64_t capturable = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
-    if (a->cancel) {
-        if (strcmp(PQgetvalue(res, 0, 3), "1") == 0) {
-            metric_payment(role_metrics(r->api->ctx), MP_CANCELED);
-            v1_respond(r, 200, obj); /* canceled by this very statement */
-        } else if (strcmp(status, "requires_capture") == 0) {
-            intents_send_job(r, "cancel", res, 0, 4 + JOB_AMOUNT_COL_OFFSET, 0, a->reason, obj);
-        } else {
-            intents_unexpected_state(r, "cancel", status);
-        }
-        free(a);
-        return;
-    }
-    if (strcmp(status, "requires_capture") != 0) {
-        intents_unexpected_state(r, "capture", status);
-    } else if (a->amount_to_capture > capturable) {
+    const char *status = intents_col(res, "status_before");
+    if (jobs_has_attempt(res, 0)) {
+        intents_send_job(r, res, intents_col(res, "object"));
+    } else if (strcmp(status, "requires_capture") == 0) {
         struct params_error e;
         params_fail(&e, 400, "amount_too_large", "amount_to_capture",
-                    "amount_to_capture must be less than or equal to amount_capturable (%lld).",
-                    (long long)capturable);
+                    "amount_to_capture must be less than or equal to amount_capturable (%s).",
+                    intents_col(res, "capturable"));
         v1_params_error(r, &e);
     } else {
-        intents_send_job(r, "capture", res, 0, 4 + JOB_AMOUNT_COL_OFFSET,
-                         a->amount_to_capture ? a->amount_to_capture : capturable, NULL, obj);
+        intents_unexpected_state(r, "capture", status);
     }
-    free(a);
 }
 
 void
 intents_capture(struct api_req *r)
 {
     struct params_error e;
-    char amount[24] = "0", account[24];
-    struct capture_args *a = xcalloc(1, sizeof(*a));
+    char amount[24] = "";
+    int has_amount;
     if (params_only(r->params, capture_params, &e) < 0 ||
-        intents_amount(r->params, "amount_to_capture", amount, false, &e) < 0) {
-        free(a);
+        (has_amount = intents_amount(r->params, "amount_to_capture", amount, false, &e)) < 0) {
         v1_params_error(r, &e);
         return;
     }
-    if (!intents_can_send_job(r)) {
-        free(a);
+    if (!intents_can_send_job(r))
         return;
-    }
-    a->amount_to_capture = strtoll(amount, NULL, 10);
-    r->state = a;
-    snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
-    const char *params[2] = {r->id, account};
+    struct intents_claim c;
+    intents_claim(r, &c);
+    const char *params[6] = {r->id,         c.account,        has_amount == 0 ? amount : NULL,
+                             c.row_or_null, c.holder_or_null, c.lease};
     pgev_exec(r->api->pg,
-              "SELECT upd.status, " OBJ(
-                  "upd") ", upd.amount_capturable, NULL, " JOB_COLS
-                         " FROM payment_intents upd WHERE public_id = $1 AND account_id = $2",
-              2, params, intents_on_locked, r);
+              "SELECT r.is_found, r.status_before, r.capturable, r.object, j.* FROM"
+              " pi_capture($1, $2::bigint, $3::bigint, $4::bigint, $5, $6::bigint) r" JOBS_JOIN,
+              6, params, intents_on_capture_started, r);
+}
+
+static void
+intents_on_cancel_started(void *arg, PGresult *res, const char *err)
+{
+    struct api_req *r = arg;
+    if (!intents_locked(r, res, err))
+        return;
+    const char *obj = intents_col(res, "object");
+    if (jobs_has_attempt(res, 0)) { /* a charge is open: a worker voids it first */
+        intents_send_job(r, res, obj);
+    } else if (obj) { /* nothing was held: canceled by this very statement */
+        metric_payment(role_metrics(r->api->ctx), MP_CANCELED);
+        v1_respond(r, 200, obj);
+    } else {
+        intents_unexpected_state(r, "cancel", intents_col(res, "status_before"));
+    }
 }
 
 void
@@ -697,7 +707,6 @@ intents_cancel(struct api_req *r)
                                           "abandoned", NULL};
     struct params_error e;
     const char *reason = NULL;
-    char account[24];
     if (params_only(r->params, cancel_params, &e) < 0 ||
         params_str(r->params, "cancellation_reason", 40, &reason, &e) < 0) {
         v1_params_error(r, &e);
@@ -715,31 +724,13 @@ intents_cancel(struct api_req *r)
             return;
         }
     }
-    struct capture_args *a = xcalloc(1, sizeof(*a));
-    a->cancel = true;
-    a->reason = reason; /* points into r->params, which outlives the query */
-    r->state = a;
-    snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
-    const char *params[3] = {r->id, account, reason};
-    /* Open intents are canceled here at once; an authorization (requires_capture)
-     * must be voided at the gateway first, by a worker. */
-    pgev_exec(
-        r->api->pg,
-        "WITH cur AS (SELECT id FROM payment_intents"
-        "  WHERE public_id = $1 AND account_id = $2 FOR UPDATE),"
-        " upd AS (UPDATE payment_intents p SET status = 'canceled',"
-        "  cancellation_reason = $3, canceled_at = now(), version = p.version + 1,"
-        "  updated_at = now() FROM cur WHERE p.id = cur.id AND p.status IN (" OPEN_STATES ")"
-        "  RETURNING p.*),"
-        " ev AS (SELECT outbox_event(upd.account_id, 'payment_intent.canceled',"
-        "  " OBJ(
-            "upd") "::json, upd.public_id) FROM upd),"
-                   " res AS (SELECT * FROM upd UNION ALL SELECT p.* FROM payment_intents p, cur"
-                   "  WHERE p.id = cur.id AND NOT EXISTS (SELECT 1 FROM upd))"
-                   " SELECT upd.status, " OBJ("upd") ", upd.amount_capturable,"
-                                                     "  (SELECT count(*) FROM ev), " JOB_COLS
-                                                     " FROM res upd",
-        3, params, intents_on_locked, r);
+    struct intents_claim c;
+    intents_claim(r, &c);
+    const char *params[6] = {r->id, c.account, reason, c.row_or_null, c.holder_or_null, c.lease};
+    pgev_exec(r->api->pg,
+              "SELECT r.is_found, r.status_before, r.object, j.* FROM pi_cancel($1, $2::bigint,"
+              " $3, $4::bigint, $5, $6::bigint) r" JOBS_JOIN,
+              6, params, intents_on_cancel_started, r);
 }
 
 /* ---- list ---- */

@@ -5,21 +5,24 @@
  * style form body (metadata[order]=42, expand[]=x) or a JSON object into one
  * jansson object, so that every handler reads parameters the same way; the
  * typed getters params_str(), params_int(), params_bool(),
- * params_metadata(); params_only(), which refuses unknown parameters; and
+ * params_metadata(); params_only(), which refuses unknown parameters;
+ * params_find_card(), which names the parameter holding a card number; and
  * params_canonical() for idempotency hashes. Limits on parameter count,
  * nesting depth and value length are enforced while parsing. Every failure
  * fills a params_error naming the parameter; values are never echoed into
  * messages, since a client may put a card number anywhere.
- * Calls jansson, xmalloc.
+ * Calls jansson, redact, xmalloc.
  */
 #include "params.h"
 
 #include <ctype.h>
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "redact.h"
 #include "xmalloc.h"
 
 void
@@ -112,11 +115,27 @@ params_utf8(const char *s)
     return probe != NULL;
 }
 
+/* Refuses a card number found in parameter param; the message never
+ * carries the number, and the name is chosen by the caller so that it
+ * does not either. */
+static void
+params_card_fail(struct params_error *err, const char *param)
+{
+    params_fail(err, 400, "parameter_invalid", param,
+                "Raw card numbers are not accepted in any parameter: create a payment method "
+                "with a tokenization provider and pass its id as payment_method.");
+}
+
+/* A card number is never taken for an array index: read as one, it would
+ * vanish from the tree (metadata[4242424242424242]=x would append x), and
+ * params_find_card() could no longer refuse it. It stays a key instead. */
 static bool
 params_is_index(const char *s)
 {
     if (!*s)
         return true;
+    if (redact_has_card(s, strlen(s)))
+        return false;
     for (; *s; s++) {
         if (!isdigit((unsigned char)*s))
             return false;
@@ -142,6 +161,12 @@ params_insert(json_t *root, const char *key, const char *value, struct params_er
         if (json_is_array(cur)) {
             /* a[]=x or a[0]=x: append; a[0][k]=v: extend the last element when
              * the index repeats, else append a new one */
+            if (redact_has_card(segs[i], strlen(segs[i]))) {
+                /* a[]=x&a[4242424242424242]=y: the array cannot keep the
+                 * number as a key, and must not drop it unseen. */
+                params_card_fail(err, segs[0]);
+                return -1;
+            }
             if (last) {
                 json_array_append_new(cur, json_string(value));
                 return 0;
@@ -440,6 +465,82 @@ params_metadata(const json_t *params, json_t **out, bool *clear, struct params_e
 fail:
     json_decref(m);
     return -1;
+}
+
+/* A number is text a client typed too: 4242424242424242 sent as a JSON
+ * integer would become a metadata string. A real that holds a whole number
+ * (4242424242424242.0) is read the same way, within int64's range so that
+ * the conversion is defined; past 2^53 a double may already have lost
+ * digits the client sent, and only what it still holds can be checked. */
+static bool
+params_number_has_card(const json_t *v)
+{
+    char text[32];
+    if (json_is_integer(v)) {
+        snprintf(text, sizeof(text), "%" JSON_INTEGER_FORMAT, json_integer_value(v));
+    } else {
+        double d = json_real_value(v);
+        if (!(d > -9e18 && d < 9e18) || d != (double)(int64_t)d)
+            return false;
+        snprintf(text, sizeof(text), "%" PRId64, (int64_t)d);
+    }
+    return redact_has_card(text, strlen(text));
+}
+
+/* Appends "[seg]" (or "seg" at the top) to the name in param[0..len);
+ * a name too long for the buffer is cut, which only shortens it. */
+static size_t
+params_name_push(char *param, size_t size, size_t len, const char *seg)
+{
+    int n = snprintf(param + len, size - len, len ? "[%s]" : "%s", seg);
+    return n < 0 || (size_t)n >= size - len ? size - 1 : len + (size_t)n;
+}
+
+/* Walks v, whose own name is param[0..len), depth first in the order the
+ * client sent it; on a hit, param holds the name and true is returned. */
+static bool
+params_card_walk(const json_t *v, char *param, size_t size, size_t len)
+{
+    if (json_is_string(v))
+        return redact_has_card(json_string_value(v), json_string_length(v));
+    if (json_is_number(v))
+        return params_number_has_card(v);
+    if (json_is_object(v)) {
+        const char *k;
+        json_t *c;
+        json_object_foreach((json_t *)v, k, c)
+        {
+            if (redact_has_card(k, strlen(k))) {
+                param[len] = '\0'; /* named by the object that holds the key */
+                return true;
+            }
+            if (params_card_walk(c, param, size, params_name_push(param, size, len, k)))
+                return true;
+            param[len] = '\0';
+        }
+    } else if (json_is_array(v)) {
+        size_t i;
+        json_t *c;
+        json_array_foreach(v, i, c)
+        {
+            char idx[24];
+            snprintf(idx, sizeof(idx), "%zu", i);
+            if (params_card_walk(c, param, size, params_name_push(param, size, len, idx)))
+                return true;
+            param[len] = '\0';
+        }
+    }
+    return false;
+}
+
+bool
+params_find_card(const json_t *params, struct params_error *err)
+{
+    char param[sizeof(err->param)] = "";
+    if (!params_card_walk(params, param, sizeof(param), 0))
+        return false;
+    params_card_fail(err, param);
+    return true;
 }
 
 char *

@@ -41,6 +41,14 @@ int params_metadata(const json_t *params, json_t **out, bool *clear, struct para
 void params_fail(struct params_error *err, int status, const char *code, const char *param,
                  const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 
+/* Finds the first card number anywhere in parsed parameters (values at any
+ * depth, keys, numbers) and fills err (400 parameter_invalid) naming its
+ * parameter Stripe's way: payment_method, metadata[note],
+ * payment_method_types[0]. A key that holds a card number is named by its
+ * parent (metadata), and not at all at the top level, so that the name
+ * never carries the number. Returns true when one was found. */
+bool params_find_card(const json_t *params, struct params_error *err);
+
 /* Canonical text of the parameters (sorted keys), for idempotency hashes. */
 char *params_canonical(const json_t *params);
 

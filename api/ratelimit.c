@@ -179,7 +179,7 @@ static void
 rl_on_reply(void *arg, redisReply *reply)
 {
     struct rl_call *c = arg;
-    c->r->refs--;
+    request_release(c->r);
     if (reply && reply->type == REDIS_REPLY_ERROR && !c->sent_script &&
         strncmp(reply->str, "NOSCRIPT", 8) == 0) {
         c->sent_script = true; /* Redis does not know it yet: send it once */
@@ -238,10 +238,10 @@ rl_run(struct rl_call *c)
                             c->fail ? "fail" : "check",
                             lock,
                             IDEM_REDIS_LOCK_MS};
-    c->r->refs++;
+    request_hold(c->r);
     if (!redisev_connected(api->redis) ||
         redisev_command(api->redis, rl_on_reply, c, 13, argv) < 0) {
-        c->r->refs--;
+        request_release(c->r);
         rl_local(c);
     }
 }

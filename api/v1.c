@@ -3,14 +3,14 @@
  * single way out for every answer.
  *
  * Offers v1_dispatch() (from the HTTP callback), v1_respond(), v1_error(),
- * v1_params_error(), v1_db_error() and v1_release(). A request goes:
+ * v1_params_error(), v1_db_error() and v1_claim_lost(). A request goes:
  * Authorization header -> auth_lookup() -> parameters (form or JSON body,
  * or the query string for GET) -> route -> idempotency claim for a POST with
  * an Idempotency-Key -> handler -> v1_respond(), which stores the answer for
  * the key before it is sent. Errors have Stripe's shape and status codes.
- * A request object may outlive its answer while a worker job is still out;
- * it is freed when the last reference is dropped. Calls api, params, auth,
- * idem, intents, httputil.
+ * The request's lifetime is request.c's: it may outlive its answer while a
+ * worker job is still out. Calls api, request, params, auth, idem,
+ * intents, httputil.
  */
 #include <ctype.h>
 #include <event2/buffer.h>
@@ -71,31 +71,9 @@ static const struct route v1_routes[] = {
 };
 
 void
-v1_release(struct api_req *r)
-{
-    if (--r->refs > 0)
-        return;
-    if (r->job_slot)
-        r->api->jobs_in_flight--; /* reserved, but no job was sent */
-    if (r->timer)
-        event_free(r->timer);
-    json_decref(r->params);
-    free(r->idem_redis_value);
-    free(r->pending_body);
-    free(r->state);
-    free(r);
-}
-
-void
 v1_respond(struct api_req *r, int status, const char *body)
 {
-    if (r->responded)
-        return;
-    if (r->idem_owner) {
-        idem_finish(r, status, body);
-        return;
-    }
-    api_send(r, status, body);
+    request_answer(r, status, body);
 }
 
 void
@@ -108,9 +86,29 @@ v1_error(struct api_req *r, int status, const char *type, const char *code, cons
 }
 
 bool
+v1_claim_lost(struct api_req *r, PGresult *res)
+{
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    if (!state || strcmp(state, "PD010") != 0)
+        return false;
+    /* Another request took this key over (its holder was presumed dead):
+     * nothing of this one was written, and its answer is not ours to keep. */
+    log_warn("%s: idempotency key %s was taken over; this request wrote nothing", r->route,
+             r->idem_key);
+    r->idem_owner = false;
+    v1_error(r, 409, "idempotency_error", NULL,
+             "Another request took over this Idempotency-Key while this one was running; "
+             "retry to get its answer.",
+             NULL);
+    return true;
+}
+
+bool
 v1_rows(struct api_req *r, PGresult *res, const char *err)
 {
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        if (v1_claim_lost(r, res))
+            return false;
         v1_db_error(r, err ? err : PQresultErrorMessage(res));
         return false;
     }
@@ -191,10 +189,12 @@ v1_on_limited(struct api_req *r, int retry_after_s)
         v1_params_error(r, &r->params_error);
         return;
     }
-    if (r->has_idem)
+    if (r->has_idem) {
         idem_resume(r);
-    else
-        r->handler(r);
+        return;
+    }
+    request_claimed(r);
+    r->handler(r);
 }
 
 /* Authenticated: parameters and the Idempotency-Key are read now, so that
@@ -214,6 +214,10 @@ v1_on_auth(struct api_req *r, int64_t account_id)
     r->account_id = account_id;
     r->params = v1_parse_params(r, &r->params_error);
     r->params_failed = r->params == NULL;
+    /* A card number in any parameter is refused like an invalid one, before
+     * the key is claimed: nothing stores it, nothing sends it on. */
+    if (!r->params_failed && params_find_card(r->params, &r->params_error))
+        r->params_failed = true;
     const char *idem =
         evhttp_find_header(evhttp_request_get_input_headers(r->req), "Idempotency-Key");
     if (!r->params_failed && idem && r->method == EVHTTP_REQ_POST) {
@@ -321,14 +325,11 @@ v1_route(struct api_req *r, const char *path)
 void
 v1_dispatch(struct api *api, struct evhttp_request *req)
 {
-    struct api_req *r = xcalloc(1, sizeof(*r));
+    struct api_req *r = request_new(api, req);
     char key[4096];
     const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(req));
     struct evkeyvalq *hdrs = evhttp_request_get_input_headers(req);
 
-    r->api = api;
-    r->req = req;
-    r->refs = 1;
     r->method = evhttp_request_get_command(req);
     r->route = "v1";
     r->mroute = MR_OTHER;
@@ -350,6 +351,7 @@ v1_dispatch(struct api *api, struct evhttp_request *req)
     r->mroute = rt->mroute;
     r->handler = rt->handler;
     if (rt->unauthenticated) { /* gateway callbacks: their signature is their credential */
+        request_claimed(r);
         r->handler(r);
         return;
     }

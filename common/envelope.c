@@ -22,9 +22,9 @@
 #include "xmalloc.h"
 
 static const char *const envelope_types[] = {
-    MSG_PING,          MSG_PONG,        MSG_CTL,   MSG_CTL_REPLY,
-    MSG_JOB,           MSG_JOB_REPLY,   MSG_EVENT, MSG_INVENTORY_RESERVED,
-    MSG_EVENTS_REPLAY, MSG_EVENTS_BATCH};
+    MSG_PING,          MSG_PONG,         MSG_CTL,         MSG_CTL_REPLY,
+    MSG_JOB,           MSG_JOB_REPLY,    MSG_EVENT,       MSG_INVENTORY_RESERVED,
+    MSG_EVENTS_REPLAY, MSG_EVENTS_BATCH, MSG_INTAKE_REPLY};
 
 bool
 envelope_type_known(const char *type)

@@ -90,6 +90,7 @@ int envelope_get_bool(const msgpack_object *map, const char *key, bool *out);
 #define MSG_JOB_REPLY          "job.reply"   /* worker -> api: the intent after the job */
 #define MSG_EVENT              "event"       /* outbox -> subscribers: one Stripe-shaped event */
 #define MSG_INVENTORY_RESERVED "InventoryReserved" /* publishers -> api: pay for an order */
+#define MSG_INTAKE_REPLY       "intake.reply"      /* api -> publisher: the order's answer */
 #define MSG_EVENTS_REPLAY      "events.replay"     /* subscriber -> outbox: events after an id */
 #define MSG_EVENTS_BATCH       "events.batch"      /* outbox -> subscriber: those events */
 

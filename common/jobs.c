@@ -1,8 +1,12 @@
 /*
  * jobs - the gateway job message (envelope type job.request) that the api
- * (confirm, capture, cancel, the saga) and the outbox (re-driving payments
- * left in processing) send to workers. Offers jobs_message(); the row it
- * reads comes from a statement returning JOB_COLS. Calls envelope.
+ * (confirm, capture, cancel, the saga) and the outbox (re-driving attempts
+ * whose lease ran out, expiring payments) send to workers. A job names one
+ * attempt: a payment_transactions row with its own idempotency key, which
+ * the worker uses for every call of it, so a job sent twice never moves
+ * money twice. Offers jobs_message() and jobs_has_attempt(); the row comes
+ * from a statement selecting the attempt_jobs view's columns, read by name.
+ * Calls envelope.
  */
 #include "jobs.h"
 
@@ -10,23 +14,42 @@
 
 #include "envelope.h"
 
-void *
-jobs_message(const char *op, const char *request_id, int64_t deadline_ms, PGresult *res, int row,
-             int amount_col, int64_t amount_to_capture, const char *reason, size_t *len)
+static const char *
+jobs_col(PGresult *res, int row, const char *name)
 {
+    int col = PQfnumber(res, name);
+    if (col < 0)
+        abort(); /* a statement of ours lost a column the job needs */
+    return PQgetvalue(res, row, col);
+}
+
+bool
+jobs_has_attempt(PGresult *res, int row)
+{
+    int col = PQfnumber(res, "attempt_id");
+    return col >= 0 && row < PQntuples(res) && !PQgetisnull(res, row, col);
+}
+
+void *
+jobs_message(const char *request_id, int64_t deadline_ms, PGresult *res, int row, bool redrive,
+             size_t *len)
+{
+    if (!jobs_has_attempt(res, row))
+        return NULL;
     struct envelope_writer w;
-    envelope_begin(&w, MSG_JOB, request_id, deadline_ms, 12);
-    envelope_put_str(&w, "op", op);
-    envelope_put_int(&w, "intent_id", strtoll(PQgetvalue(res, row, amount_col - 4), NULL, 10));
-    envelope_put_int(&w, "version", strtoll(PQgetvalue(res, row, amount_col - 3), NULL, 10));
-    envelope_put_str(&w, "public_id", PQgetvalue(res, row, amount_col - 2));
-    envelope_put_int(&w, "account_id", strtoll(PQgetvalue(res, row, amount_col - 1), NULL, 10));
-    envelope_put_int(&w, "amount", strtoll(PQgetvalue(res, row, amount_col), NULL, 10));
-    envelope_put_str(&w, "currency", PQgetvalue(res, row, amount_col + 1));
-    envelope_put_str(&w, "payment_method", PQgetvalue(res, row, amount_col + 2));
-    envelope_put_str(&w, "capture_method", PQgetvalue(res, row, amount_col + 3));
-    envelope_put_str(&w, "provider", PQgetvalue(res, row, amount_col + 4));
-    envelope_put_int(&w, "amount_to_capture", amount_to_capture);
-    envelope_put_str(&w, "reason", reason ? reason : "");
+    envelope_begin(&w, MSG_JOB, request_id, deadline_ms, 13);
+    envelope_put_int(&w, "attempt_id", strtoll(jobs_col(res, row, "attempt_id"), NULL, 10));
+    envelope_put_str(&w, "key", jobs_col(res, row, "key"));
+    envelope_put_str(&w, "op", jobs_col(res, row, "type"));
+    envelope_put_str(&w, "purpose", jobs_col(res, row, "purpose"));
+    envelope_put_int(&w, "intent_id", strtoll(jobs_col(res, row, "intent_id"), NULL, 10));
+    envelope_put_str(&w, "public_id", jobs_col(res, row, "public_id"));
+    envelope_put_int(&w, "amount", strtoll(jobs_col(res, row, "amount"), NULL, 10));
+    envelope_put_str(&w, "currency", jobs_col(res, row, "currency"));
+    envelope_put_str(&w, "payment_method", jobs_col(res, row, "payment_method"));
+    envelope_put_str(&w, "provider", jobs_col(res, row, "provider"));
+    envelope_put_str(&w, "target", jobs_col(res, row, "target"));
+    envelope_put_str(&w, "target_key", jobs_col(res, row, "target_key"));
+    envelope_put_bool(&w, "redrive", redrive);
     return envelope_finish(&w, len);
 }

@@ -3,20 +3,25 @@
 #define PAYMENTD_JOBS_H
 
 #include <libpq-fe.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
-/* The columns every job-starting statement returns, in this order (the
- * statement names the intent row "upd"). */
-#define JOB_COLS                                                                                   \
-    "upd.id, upd.version, upd.public_id, upd.account_id, upd.amount, upd.currency,"                \
-    " coalesce(upd.payment_method, ''), upd.capture_method, coalesce(upd.gateway_provider, '')"
-#define JOB_AMOUNT_COL_OFFSET 4 /* amount is the fifth of JOB_COLS */
+/* The columns of the attempt_jobs view (sql/010_attempts.sql), selected as
+ * "j.*" next to the columns of a function call "r" that returns the
+ * attempt it started as attempt_id: what a worker needs to run one gateway
+ * attempt. attempt_job() reads it with a fresh snapshot, so the statement
+ * sees the row its own function call wrote. */
+#define JOBS_JOIN " LEFT JOIN LATERAL attempt_job(r.attempt_id) j ON true"
 
-/* The job envelope for a worker, from a row with the JOB_COLS whose amount
- * is at amount_col; free the result. */
-void *jobs_message(const char *op, const char *request_id, int64_t deadline_ms, PGresult *res,
-                   int row, int amount_col, int64_t amount_to_capture, const char *reason,
-                   size_t *len);
+/* The job envelope for the attempt in row `row` of res (a statement that
+ * selects attempt_jobs' columns by name), or NULL when that row names no
+ * attempt. redrive: the sweeps send an attempt whose answer may be lost, so
+ * the worker asks the gateway what became of it first. Free the result. */
+void *jobs_message(const char *request_id, int64_t deadline_ms, PGresult *res, int row,
+                   bool redrive, size_t *len);
+
+/* True when row `row` of res names an attempt to send. */
+bool jobs_has_attempt(PGresult *res, int row);
 
 #endif

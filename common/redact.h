@@ -11,4 +11,8 @@
  * whsec_ signing secrets, JWTs) in s. Returns true when anything was masked. */
 bool redact(char *s);
 
+/* Says whether [s, s+len) holds a card number, by the same rule redact()
+ * masks them; s need not be NUL-terminated. */
+bool redact_has_card(const char *s, size_t len);
+
 #endif

@@ -7,18 +7,21 @@
  * its own: whoever holds it sweeps, the others keep trying, and a leader
  * whose connection drops loses it to the next one. Every SWEEP_INTERVAL_MS
  * the leader:
- *   - re-drives payments left in processing for PROCESSING_LEASE_MS (their
- *     job was lost with an api or a worker): it sends the same confirm job
- *     again, with the same version and so the same gateway idempotency key;
- *     a gateway that took the first charge answers with that charge, so the
- *     payment is finished, never charged twice, and never failed over;
- *   - cancels open intents past expires_at, with their event;
+ *   - re-drives gateway attempts still pending past their lease (their job
+ *     was lost with an api or a worker, or its retries ran out): the same
+ *     attempt goes to a worker again, with the same idempotency key, marked
+ *     as a re-drive so that the worker first asks the gateway what became
+ *     of it; a gateway that took the first call answers with that outcome,
+ *     so money is never moved twice and a charge is never failed over;
+ *   - expires open payments past expires_at (24 h after creation, 7 days
+ *     after an authorization): canceled at once when nothing is held, else
+ *     a void of the open charge goes to a worker first (pi_expire);
  *   - removes idempotency keys older than 24 hours, and gateway callback ids
  *     (their dedupe records) older than 30 days;
  * and every CONSISTENCY_INTERVAL_MS it counts succeeded intents without a
- * succeeded charge or capture, and intents whose amount_received differs
- * from their transactions, into gauges and a log line. Calls pgev, nngev,
- * jobs.
+ * succeeded charge or capture, intents whose amount_received differs from
+ * what their attempts captured, and payments processing without exactly one
+ * pending attempt, into gauges and a log line. Calls pgev, nngev, jobs.
  */
 #include <nng/nng.h>
 #include <nng/protocol/reqrep0/req.h>
@@ -59,28 +62,55 @@ sweep_on_job(void *arg, int err, nng_msg *reply)
     free(id);
 }
 
+/* Sends the attempts in res (attempt_jobs' columns) to the workers. */
+static void
+sweep_send(struct sweep *s, PGresult *res, bool redrive)
+{
+    const struct config *cfg = &s->ctx->cfg;
+    for (int i = 0; i < PQntuples(res); i++) {
+        size_t n;
+        void *bytes = jobs_message(PQgetvalue(res, i, 0), shm_now_ms() + cfg->job_timeout_ms, res,
+                                   i, redrive, &n);
+        if (!bytes)
+            continue;
+        nngev_request(s->ctx->nngev, s->workers, nngev_msg(bytes, n), (int)cfg->job_timeout_ms,
+                      sweep_on_job, xstrdup(PQgetvalue(res, i, 0)));
+        free(bytes);
+    }
+}
+
 static void
 sweep_on_stuck(void *arg, PGresult *res, const char *err)
 {
     struct sweep *s = arg;
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        log_warn("sweeps: looking for stuck payments failed: %s",
+        log_warn("sweeps: looking for attempts past their lease failed: %s",
                  err ? err : PQresultErrorMessage(res));
         return;
     }
-    const struct config *cfg = &s->ctx->cfg;
     for (int i = 0; i < PQntuples(res); i++) {
-        size_t n;
-        void *bytes =
-            jobs_message("confirm", PQgetvalue(res, i, 0), shm_now_ms() + cfg->job_timeout_ms, res,
-                         i, 1 + JOB_AMOUNT_COL_OFFSET, 0, NULL, &n);
-        log_warn("sweeps: payment %s was processing past its lease: sending it to a worker again",
-                 PQgetvalue(res, i, 0));
+        log_warn("sweeps: payment %s: attempt %s was pending past its lease: asking a worker to "
+                 "resolve it",
+                 PQgetvalue(res, i, 0), PQgetvalue(res, i, PQfnumber(res, "key")));
         metric_inc(role_metrics(s->ctx), MC_PAYMENTS_REDRIVEN);
-        nngev_request(s->ctx->nngev, s->workers, nngev_msg(bytes, n), (int)cfg->job_timeout_ms,
-                      sweep_on_job, xstrdup(PQgetvalue(res, i, 0)));
-        free(bytes);
     }
+    sweep_send(s, res, true);
+}
+
+static void
+sweep_on_expired(void *arg, PGresult *res, const char *err)
+{
+    struct sweep *s = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        log_warn("sweeps: expiring payments failed: %s", err ? err : PQresultErrorMessage(res));
+        return;
+    }
+    long long n = PQntuples(res);
+    atomic_fetch_add_explicit(&role_metrics(s->ctx)->counters[MC_INTENTS_EXPIRED], (uint64_t)n,
+                              memory_order_relaxed);
+    if (n)
+        log_info("sweeps: %lld payments expired", n);
+    sweep_send(s, res, false);
 }
 
 static void
@@ -90,15 +120,12 @@ sweep_on_count(void *arg, PGresult *res, const char *err)
     (void)err;
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1)
         return;
-    long long expired = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-    long long keys = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+    long long keys = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
     struct shm_metrics *m = role_metrics(s->ctx);
-    atomic_fetch_add_explicit(&m->counters[MC_INTENTS_EXPIRED], (uint64_t)expired,
-                              memory_order_relaxed);
     atomic_fetch_add_explicit(&m->counters[MC_IDEMPOTENCY_KEYS_REMOVED], (uint64_t)keys,
                               memory_order_relaxed);
-    if (expired || keys)
-        log_info("sweeps: %lld intents expired, %lld idempotency keys removed", expired, keys);
+    if (keys)
+        log_info("sweeps: %lld idempotency keys removed", keys);
 }
 
 static void
@@ -111,14 +138,16 @@ sweep_on_check(void *arg, PGresult *res, const char *err)
         return;
     }
     int64_t a = strtoll(PQgetvalue(res, 0, 0), NULL, 10),
-            b = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+            b = strtoll(PQgetvalue(res, 0, 1), NULL, 10),
+            c = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
     struct shm_metrics *m = role_metrics(s->ctx);
     atomic_store_explicit(&m->inconsistent[0], a, memory_order_relaxed);
-    atomic_store_explicit(&m->inconsistent[1], b, memory_order_relaxed);
-    if (a || b)
-        log_error("consistency check: %lld succeeded intents without a succeeded transaction, "
-                  "%lld intents whose amount_received differs from their transactions",
-                  (long long)a, (long long)b);
+    atomic_store_explicit(&m->inconsistent[1], b + c, memory_order_relaxed);
+    if (a || b || c)
+        log_error("consistency check: %lld succeeded intents without a succeeded charge or "
+                  "capture, %lld intents whose amount_received differs from what their attempts "
+                  "captured, %lld processing payments without exactly one pending attempt",
+                  (long long)a, (long long)b, (long long)c);
     else
         log_info("consistency check: no violations");
 }
@@ -128,31 +157,25 @@ sweep_run(struct sweep *s)
 {
     const char *params[1] = {s->lease};
     pgev_exec(s->pg,
-              "WITH upd AS (UPDATE payment_intents p SET updated_at = now() FROM"
-              "  (SELECT id FROM payment_intents WHERE status = 'processing'"
-              "   AND updated_at < now() - $1::bigint * interval '1 millisecond'"
-              "   ORDER BY updated_at LIMIT 100 FOR UPDATE SKIP LOCKED) due"
-              "  WHERE p.id = due.id RETURNING p.*)"
-              " SELECT upd.public_id, " JOB_COLS " FROM upd",
+              "WITH due AS (UPDATE payment_transactions a SET lease_until = now() +"
+              "  $1::bigint * interval '1 millisecond' FROM"
+              "  (SELECT id FROM payment_transactions WHERE status = 'pending'"
+              "   AND type <> 'refund' AND lease_until < now()"
+              "   ORDER BY lease_until LIMIT 100 FOR UPDATE SKIP LOCKED) d"
+              "  WHERE a.id = d.id RETURNING a.id)"
+              " SELECT j.public_id, j.* FROM due JOIN attempt_jobs j ON j.attempt_id = due.id",
               1, params, sweep_on_stuck, s);
+    pgev_exec(s->pg, "SELECT r.public_id, j.* FROM pi_expire(500, $1::bigint) r" JOBS_JOIN, 1,
+              params, sweep_on_expired, s);
     pgev_exec(s->pg,
-              "WITH upd AS (UPDATE payment_intents p SET status = 'canceled',"
-              "  cancellation_reason = 'abandoned', canceled_at = now(),"
-              "  version = p.version + 1, updated_at = now() FROM"
-              "  (SELECT id FROM payment_intents WHERE status IN ('requires_payment_method',"
-              "   'requires_confirmation', 'requires_action') AND expires_at < now()"
-              "   LIMIT 500 FOR UPDATE SKIP LOCKED) due WHERE p.id = due.id RETURNING p.*),"
-              " ev AS (SELECT outbox_event(upd.account_id, 'payment_intent.canceled',"
-              "  payment_intent_object(ROW(upd.*)::payment_intents), upd.public_id) FROM upd),"
-              " keys AS (DELETE FROM idempotency_keys WHERE id IN (SELECT id FROM"
+              "WITH keys AS (DELETE FROM idempotency_keys WHERE id IN (SELECT id FROM"
               "  idempotency_keys WHERE created_at < now() - interval '24 hours' LIMIT 1000)"
               "  RETURNING 1),"
               /* Gateways resend callbacks for days, not months. */
               " gw AS (DELETE FROM gateway_events WHERE (provider, event_id) IN (SELECT"
               "  provider, event_id FROM gateway_events WHERE received_at < now() - interval"
               "  '30 days' LIMIT 1000) RETURNING 1)"
-              " SELECT (SELECT count(*) FROM ev), (SELECT count(*) FROM keys),"
-              "  (SELECT count(*) FROM gw)",
+              " SELECT (SELECT count(*) FROM keys), (SELECT count(*) FROM gw)",
               0, NULL, sweep_on_count, s);
     int64_t now = shm_mono_ms();
     if (s->last_check_mono && now - s->last_check_mono < s->ctx->cfg.consistency_interval_ms)
@@ -164,9 +187,12 @@ sweep_run(struct sweep *s)
               "  t.payment_intent_id = p.id AND t.status = 'succeeded'"
               "  AND t.type IN ('charge', 'capture'))),"
               " (SELECT count(*) FROM payment_intents p WHERE p.amount_received <>"
-              "  coalesce((SELECT sum(t.amount) FROM payment_transactions t WHERE"
+              "  coalesce((SELECT sum(t.amount_captured) FROM payment_transactions t WHERE"
               "  t.payment_intent_id = p.id AND t.status = 'succeeded'"
-              "  AND t.type IN ('charge', 'capture')), 0))",
+              "  AND t.type IN ('charge', 'capture')), 0)),"
+              " (SELECT count(*) FROM payment_intents p WHERE p.status = 'processing'"
+              "  AND (SELECT count(*) FROM payment_transactions t WHERE"
+              "  t.payment_intent_id = p.id AND t.status = 'pending' AND t.type <> 'refund') <> 1)",
               0, NULL, sweep_on_check, s);
 }
 

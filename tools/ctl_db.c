@@ -6,7 +6,10 @@
  * Offers ctl_migrate(): applies the compiled-in sql/ migrations that
  * schema_migrations does not list, in order, each in its own transaction,
  * under a session advisory lock so that two hosts migrating at once apply
- * each migration exactly once. ctl_create_account() and ctl_create_key()
+ * each migration exactly once; then, in one transaction, it makes the
+ * payment_transitions and attempt_transitions tables equal to
+ * common/paystate.c's, so the database enforces the state machine the
+ * programs were built with. ctl_create_account() and ctl_create_key()
  * print new identifiers; a key is printed once and only its SHA-256 is
  * stored. Errors are printed with the database's message and exit code 1.
  * Calls libpq, migrations, crypto, ids, pgev (connection keywords).
@@ -21,6 +24,7 @@
 #include "crypto.h"
 #include "ids.h"
 #include "migrations.h"
+#include "paystate.h"
 #include "pgev.h"
 
 #define MIGRATE_LOCK_ID "7215403901"
@@ -63,6 +67,53 @@ ctl_applied(PGconn *pg, int version)
     int applied = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
     PQclear(r);
     return applied;
+}
+
+static int
+ctl_insert(PGconn *pg, const char *sql, int n, const char *const *params)
+{
+    PGresult *r = PQexecParams(pg, sql, n, NULL, params, NULL, NULL, 0);
+    int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+    if (!ok)
+        fprintf(stderr, "paymentctl: %s", PQerrorMessage(pg));
+    PQclear(r);
+    return ok ? 0 : -1;
+}
+
+/* The state machine's tables, replaced whole in one transaction. */
+static int
+ctl_sync_transitions(PGconn *pg)
+{
+    if (ctl_exec(pg, "BEGIN") < 0)
+        return -1;
+    if (ctl_exec(pg, "DELETE FROM payment_transitions") < 0 ||
+        ctl_exec(pg, "DELETE FROM attempt_transitions") < 0)
+        goto fail;
+    for (size_t i = 0; i < paystate_transitions_count; i++) {
+        const struct paystate_transition *t = &paystate_transitions[i];
+        const char *params[4] = {t->from, t->event, t->to, t->outbox_event};
+        if (ctl_insert(pg,
+                       "INSERT INTO payment_transitions (from_status, event, to_status,"
+                       " outbox_event) VALUES ($1, $2, $3, $4)",
+                       4, params) < 0)
+            goto fail;
+    }
+    for (size_t i = 0; i < paystate_attempt_transitions_count; i++) {
+        const struct paystate_attempt_transition *t = &paystate_attempt_transitions[i];
+        const char *params[3] = {t->type, t->from, t->to};
+        if (ctl_insert(pg,
+                       "INSERT INTO attempt_transitions (type, from_status, to_status)"
+                       " VALUES ($1, $2, $3)",
+                       3, params) < 0)
+            goto fail;
+    }
+    if (ctl_exec(pg, "COMMIT") < 0)
+        goto fail;
+    return 0;
+fail:
+    ctl_exec(pg, "ROLLBACK");
+    fprintf(stderr, "paymentctl: the state machine's tables were not written\n");
+    return -1;
 }
 
 int
@@ -108,6 +159,8 @@ ctl_migrate(const struct config *cfg)
     }
     if (applied == 0)
         printf("database is up to date (%d migrations)\n", migrations_count);
+    if (ctl_sync_transitions(pg) < 0)
+        goto out;
     rc = 0;
 out:
     PQfinish(pg);

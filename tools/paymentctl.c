@@ -13,7 +13,6 @@
 #include <getopt.h>
 #include <nng/nng.h>
 #include <jansson.h>
-#include <nng/protocol/pipeline0/push.h>
 #include <nng/supplemental/util/platform.h>
 #include <nng/protocol/pubsub0/sub.h>
 #include <nng/protocol/reqrep0/req.h>
@@ -25,6 +24,7 @@
 #include "config.h"
 #include "ctl_db.h"
 #include "envelope.h"
+#include "paystate.h"
 #include "xmalloc.h"
 
 static void
@@ -40,7 +40,9 @@ usage(FILE *out)
                  "  ping ROLE/INDEX         ping a worker or the outbox over NNG\n"
                  "  intake [--raw]          send an InventoryReserved message, given as JSON on\n"
                  "                          stdin (orderId, amount, currency, customerId,\n"
-                 "                          paymentMethod, eventId); --raw sends stdin as is\n"
+                 "                          paymentMethod, eventId); --raw sends stdin as is;\n"
+                 "                          print the answer as JSON; exit 0 ok, 1 refused,\n"
+                 "                          2 no answer within 10 s\n"
                  "  subscribe [TYPE|all] [N] [--after EVENT_ID]\n"
                  "                          print events as JSON lines (every type, or one;\n"
                  "                          stop after N); --after first replays what was\n"
@@ -48,7 +50,8 @@ usage(FILE *out)
                  "  migrate                 apply the database migrations that are missing\n"
                  "  create-account NAME     create an account and print its id\n"
                  "  create-key ACCOUNT      create a secret API key and print it (once)\n"
-                 "  revoke-key KEY          revoke a secret API key\n");
+                 "  revoke-key KEY          revoke a secret API key\n"
+                 "  transitions             print the payment state machine's table (Markdown)\n");
 }
 
 static const char *
@@ -230,7 +233,53 @@ ctl_ping(const char *run_dir, const char *target)
     return 0;
 }
 
-/* Sends one message to the api's order intake (PUSH to INTAKE_URL). */
+/* How long `intake` waits for its answer in all, and after how long without
+ * one NNG's REQ socket sends the message again (a re-sent message for an
+ * order that exists answers ok/duplicate, so re-sending is always safe). */
+#define CTL_INTAKE_TIMEOUT_MS 10000
+#define CTL_INTAKE_RESEND_MS  3000
+
+/* The answer's body as JSON; a string that is not UTF-8 becomes null. */
+static json_t *
+ctl_json(const msgpack_object *o)
+{
+    json_t *j;
+    switch (o->type) {
+    case MSGPACK_OBJECT_BOOLEAN:
+        return json_boolean(o->via.boolean);
+    case MSGPACK_OBJECT_POSITIVE_INTEGER:
+        return json_integer((json_int_t)o->via.u64);
+    case MSGPACK_OBJECT_NEGATIVE_INTEGER:
+        return json_integer(o->via.i64);
+    case MSGPACK_OBJECT_FLOAT32:
+    case MSGPACK_OBJECT_FLOAT64:
+        return json_real(o->via.f64);
+    case MSGPACK_OBJECT_STR:
+        j = json_stringn(o->via.str.ptr, o->via.str.size);
+        return j ? j : json_null();
+    case MSGPACK_OBJECT_ARRAY:
+        j = json_array();
+        for (uint32_t i = 0; i < o->via.array.size; i++)
+            json_array_append_new(j, ctl_json(&o->via.array.ptr[i]));
+        return j;
+    case MSGPACK_OBJECT_MAP:
+        j = json_object();
+        for (uint32_t i = 0; i < o->via.map.size; i++) {
+            const msgpack_object *k = &o->via.map.ptr[i].key;
+            if (k->type == MSGPACK_OBJECT_STR)
+                json_object_setn_new(j, k->via.str.ptr, k->via.str.size,
+                                     ctl_json(&o->via.map.ptr[i].val));
+        }
+        return j;
+    default:
+        return json_null();
+    }
+}
+
+/* Sends one message to the api's order intake (REQ to INTAKE_URL) and prints
+ * its answer, the intake.reply body, as one JSON line. Exit code 0: ok (the
+ * payment row is stored); 1: refused (see error, field, retry); 2: no answer
+ * within CTL_INTAKE_TIMEOUT_MS, or a bad command line or input. */
 static int
 ctl_intake(const char *run_dir, const char *config_path, bool raw)
 {
@@ -240,8 +289,11 @@ ctl_intake(const char *run_dir, const char *config_path, bool raw)
     size_t n = fread(input, 1, sizeof(input), stdin);
     void *bytes = NULL;
     size_t len = n;
-    nng_socket sock;
-    int rv, rc = 1;
+    nng_socket sock = NNG_SOCKET_INITIALIZER;
+    nng_msg *answer = NULL;
+    struct envelope reply;
+    bool ok = false;
+    int rv, rc = 2;
 
     if (config_load(&cfg, config_path, err, sizeof(err)) < 0) {
         fprintf(stderr, "paymentctl: configuration: %s\n", err);
@@ -278,16 +330,48 @@ ctl_intake(const char *run_dir, const char *config_path, bool raw)
         json_decref(in);
         bytes = envelope_finish(&w, &len);
     }
-    if ((rv = nng_push0_open(&sock)) != 0 ||
-        (rv = nng_socket_set_ms(sock, NNG_OPT_SENDTIMEO, 5000)) != 0 ||
-        (rv = nng_dial(sock, url, NULL, 0)) != 0 ||
-        (rv = nng_send(sock, raw ? input : bytes, len, 0)) != 0) {
+    nng_time deadline = nng_clock() + CTL_INTAKE_TIMEOUT_MS;
+    /* A non-blocking dial: an api/0 that is (re)starting is waited for, and
+     * NNG re-sends the message on the new connection. */
+    if ((rv = nng_req0_open(&sock)) != 0 ||
+        (rv = nng_socket_set_ms(sock, NNG_OPT_REQ_RESENDTIME, CTL_INTAKE_RESEND_MS)) != 0 ||
+        (rv = nng_socket_set_ms(sock, NNG_OPT_RECONNMAXT, 1000)) != 0 ||
+        (rv = nng_socket_set_ms(sock, NNG_OPT_SENDTIMEO, CTL_INTAKE_TIMEOUT_MS)) != 0 ||
+        (rv = nng_dial(sock, url, NULL, NNG_FLAG_NONBLOCK)) != 0) {
         fprintf(stderr, "paymentctl: intake at %s: %s\n", url, nng_strerror(rv));
-    } else {
-        rc = 0;
+        goto out;
     }
+    /* The send waits for a connection, the receive for the answer: both
+     * within the one deadline. */
+    if ((rv = nng_send(sock, raw ? input : bytes, len, 0)) == 0) {
+        nng_time now = nng_clock();
+        nng_socket_set_ms(sock, NNG_OPT_RECVTIMEO,
+                          now < deadline ? (nng_duration)(deadline - now) : 1);
+        rv = nng_recvmsg(sock, &answer, 0);
+    }
+    if (rv != 0) {
+        fprintf(stderr, "paymentctl: intake at %s: no answer within %d s (%s)\n", url,
+                CTL_INTAKE_TIMEOUT_MS / 1000, nng_strerror(rv));
+        goto out;
+    }
+    enum envelope_error e = envelope_decode(&reply, nng_msg_body(answer), nng_msg_len(answer));
+    if (e == ENV_OK && strcmp(reply.type, MSG_INTAKE_REPLY) == 0 &&
+        envelope_get_bool(reply.body, "ok", &ok) == 0) {
+        json_t *body = ctl_json(reply.body);
+        char *line = json_dumps(body, JSON_COMPACT);
+        printf("%s\n", line);
+        free(line);
+        json_decref(body);
+        rc = ok ? 0 : 1;
+    } else {
+        fprintf(stderr, "paymentctl: intake at %s: bad answer: %s\n", url,
+                e != ENV_OK ? envelope_strerror(e) : "not an intake.reply");
+    }
+    envelope_free(&reply);
+out:
     free(bytes);
-    nng_msleep(100); /* let the message leave before the socket closes */
+    if (answer)
+        nng_msg_free(answer);
     nng_close(sock);
     return rc;
 }
@@ -427,6 +511,21 @@ ctl_subscribe(const char *run_dir, const char *config_path, const char *type, lo
     return 0;
 }
 
+/* The state machine's table as the README shows it (common/paystate.c,
+ * which `migrate` also writes into the database). */
+static int
+ctl_transitions(void)
+{
+    printf("| from | event | to | event written | by | at the gateway |\n"
+           "| --- | --- | --- | --- | --- | --- |\n");
+    for (size_t i = 0; i < paystate_transitions_count; i++) {
+        const struct paystate_transition *t = &paystate_transitions[i];
+        printf("| %s | `%s` | %s | %s | %s | %s |\n", t->from[0] ? t->from : "(new)", t->event,
+               t->to, t->outbox_event ? t->outbox_event : "-", t->by, t->gateway);
+    }
+    return 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -502,6 +601,8 @@ main(int argc, char **argv)
         }
         return ctl_subscribe(run_dir, config_path, type, count, after);
     }
+    if (strcmp(cmd, "transitions") == 0)
+        return ctl_transitions();
     if (strcmp(cmd, "migrate") == 0 || strcmp(cmd, "create-account") == 0 ||
         strcmp(cmd, "create-key") == 0 || strcmp(cmd, "revoke-key") == 0) {
         struct config cfg;

@@ -17,18 +17,19 @@ enum gw_outcome {
     GW_AMBIGUOUS,     /* maybe received: timeout or reset after sending */
     GW_REJECTED,      /* another 4xx: the request itself was wrong */
     GW_PENDING,       /* accepted; the outcome comes later by callback */
+    GW_NOT_FOUND,     /* a retrieve: the gateway never saw this key (or charge) */
 };
 
 enum gw_op { GW_CHARGE, GW_CAPTURE, GW_CANCEL, GW_RETRIEVE, GW_REFUND };
 
 struct gw_request {
     enum gw_op op;
-    const char *idempotency_key; /* the payment id, plus the operation for follow-ups */
+    const char *idempotency_key; /* the attempt's own key (for a retrieve: what to look up) */
     int64_t amount;
     const char *currency;
     const char *payment_method;
-    bool capture; /* charge: capture at once (automatic) or only authorize (manual) */
-    const char *charge_id;
+    bool capture;          /* charge: capture at once (automatic) or only authorize (manual) */
+    const char *charge_id; /* capture, cancel, refund; a retrieve by charge id when set */
 };
 
 struct gw_result {

@@ -34,9 +34,9 @@ struct sim_call {
 const char *
 gateway_outcome_name(enum gw_outcome o)
 {
-    static const char *const names[] = {"succeeded", "requires_capture", "requires_action",
-                                        "declined",  "canceled",         "not_processed",
-                                        "ambiguous", "rejected",         "pending"};
+    static const char *const names[] = {
+        "succeeded",     "requires_capture", "requires_action", "declined", "canceled",
+        "not_processed", "ambiguous",        "rejected",        "pending",  "not_found"};
     return (unsigned)o < sizeof(names) / sizeof(names[0]) ? names[o] : "unknown";
 }
 
@@ -81,6 +81,20 @@ sim_on_response(void *arg, const struct curlev_response *resp)
          * another provider may take it. */
         res.outcome = GW_NOT_PROCESSED;
         snprintf(res.message, sizeof(res.message), "gateway refused the key (%ld)", resp->status);
+        json_decref(body);
+        goto out;
+    }
+    if (resp->status == 409 || resp->status == 423) {
+        /* "In progress" or locked: another request with this key may be
+         * moving the money right now: ambiguous, asked again later. */
+        res.outcome = GW_AMBIGUOUS;
+        snprintf(res.message, sizeof(res.message), "gateway answered %ld", resp->status);
+        json_decref(body);
+        goto out;
+    }
+    if (resp->status == 404 && call->op == GW_RETRIEVE) {
+        res.outcome = GW_NOT_FOUND;
+        snprintf(res.message, sizeof(res.message), "not known to the gateway");
         json_decref(body);
         goto out;
     }
@@ -138,6 +152,11 @@ sim_call(struct gateway *gw, const struct gw_request *req, gw_cb cb, void *arg)
         json_object_set_new(body, "currency", json_string(req->currency));
         json_object_set_new(body, "payment_method", json_string(req->payment_method));
         json_object_set_new(body, "capture", json_boolean(req->capture));
+        /* The gateway keeps our attempt's key on the charge and echoes it in
+         * callbacks, so a callback finds its attempt even when the answer
+         * to this call was lost. */
+        json_object_set_new(body, "metadata",
+                            json_pack("{s:s}", "paymentd_attempt", req->idempotency_key));
         break;
     case GW_CAPTURE:
         snprintf(url, sizeof(url), "%s/v1/charges/%s/capture", s->base, req->charge_id);
@@ -153,8 +172,11 @@ sim_call(struct gateway *gw, const struct gw_request *req, gw_cb cb, void *arg)
         break;
     case GW_RETRIEVE:
         method = "GET";
-        snprintf(url, sizeof(url), "%s/v1/charges?idempotency_key=%s", s->base,
-                 req->idempotency_key);
+        if (req->charge_id && *req->charge_id)
+            snprintf(url, sizeof(url), "%s/v1/charges/%s", s->base, req->charge_id);
+        else
+            snprintf(url, sizeof(url), "%s/v1/charges?idempotency_key=%s", s->base,
+                     req->idempotency_key);
         break;
     }
     char *text = req->op == GW_RETRIEVE ? NULL : json_dumps(body, JSON_COMPACT);

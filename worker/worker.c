@@ -2,20 +2,29 @@
  * worker - the gateway role.
  *
  * Offers worker_main(), run by role_run() in each worker process. A worker
- * listens for jobs from the api processes on its own REP socket
- * (ipc://RUN_DIR/worker.N.ipc), WORKER_CONCURRENCY at once, and runs each
- * on its libevent loop: a gateway call through libcurl's multi interface,
- * then one SQL statement that records the outcome (intent status with an
- * optimistic version check, a payment_transactions row and the outbox
- * event, in one transaction), then the reply with the intent object.
+ * listens for jobs from the api processes and the sweeps on its own REP
+ * socket (ipc://RUN_DIR/worker.N.ipc), WORKER_CONCURRENCY at once, and runs
+ * each on its libevent loop. A job names one gateway attempt (a
+ * payment_transactions row: a charge or authorization, a capture, a void)
+ * with its own idempotency key, which every call for it carries, so a job
+ * that NNG re-sends after a worker died, that is retried here after a
+ * timeout, or that the sweeps re-drive can never move money twice.
  *
- * The gateway idempotency key is the payment id with the operation and the
- * version the attempt started from, so a job that NNG re-sends after a
- * worker died, or that is retried here after a timeout, can never charge
- * twice. Only failures that are certainly not processed or
- * ambiguous are retried (exponential back-off with full jitter, same key);
- * a decline is final. When retries run out the payment stays `processing`
- * for the recovery sweep. Calls common/, gateway.
+ * The call goes through the provider's adapter (libcurl multi); only
+ * failures that are certainly not processed or ambiguous are retried
+ * (exponential back-off with full jitter, same key); a decline is final.
+ * A capture or void the gateway refuses is resolved by retrieving the
+ * charge: whatever state it is in is the truth (captured before the void
+ * reached it, voided, expired). A re-driven attempt, whose earlier answer
+ * may be lost, is resolved the same way first: the charge its key created
+ * or targeted is retrieved, and the operation is sent again (same key) only
+ * while it is still needed. Every outcome is recorded by one statement,
+ * attempt_apply() (sql/010_attempts.sql), which moves the attempt and its
+ * payment through the state machine's tables, writes the event, and names
+ * the next attempt when there is one (a re-confirm sends the new charge
+ * once the old one is voided): the job goes on with it. When retries run
+ * out the attempt stays pending for the sweeps. Calls common/, gateway,
+ * breaker.
  */
 #include <jansson.h>
 #include <nng/nng.h>
@@ -25,11 +34,12 @@
 #include <string.h>
 #include <sys/random.h>
 
-#include "envelope.h"
 #include "breaker.h"
+#include "envelope.h"
 #include "gateway.h"
 #include "httputil.h"
 #include "ids.h"
+#include "jobs.h"
 #include "log.h"
 #include "metrics.h"
 #include "pgev.h"
@@ -37,6 +47,7 @@
 #include "xmalloc.h"
 
 #define JOB_BACKOFF_BASE_MS 100
+#define JOB_CHAIN_MAX       8 /* attempts one job runs in a row (void, then charge) */
 
 struct worker {
     struct role_ctx *ctx;
@@ -46,26 +57,35 @@ struct worker {
     int n_gw;
     nng_socket sock;
     int jobs;
+    char lease[24];
+};
+
+/* What the job does next with its attempt. */
+enum job_step {
+    STEP_CALL,    /* send the operation */
+    STEP_REDRIVE, /* a re-driven attempt: first ask what became of it */
+    STEP_RESOLVE, /* the gateway refused a capture or void: ask the charge's state */
 };
 
 struct job {
     struct worker *w;
     struct nngev_job *nj;
-    char op[16];
     char request_id[ENVELOPE_ID_MAX];
-    int64_t intent_id, version, account_id, amount, amount_to_capture;
-    char public_id[64], currency[8], payment_method[256], capture_method[16], reason[40];
-    char charge_id[64];
-    char provider[32]; /* the provider this payment is pinned to; empty: the first */
+    int64_t attempt_id, intent_id, amount;
+    char key[160], op[16], purpose[16], public_id[64], currency[8], payment_method[256];
+    char target[80], target_key[160];
+    char provider[32]; /* the provider this attempt is pinned to */
     int prov;          /* its index in w->gw */
+    enum job_step step;
     /* Per provider, with several: this job sent to it; an answer from it was
-     * not certain; another attempt with this key may have reached it. */
+     * not certain; another job with this key may have reached it. */
     bool sent[CONFIG_MAX_PROVIDERS], unsure[CONFIG_MAX_PROVIDERS];
     bool tried_before[CONFIG_MAX_PROVIDERS];
     char why[256]; /* why the current provider is being left */
-    char idem_key[128];
-    int attempt;
+    int tries;
+    int chain;
     int64_t gateway_started_us;
+    int64_t lease_renewed_ms;
     bool probe; /* this call is the breaker's half-open probe */
     struct event *retry;
 };
@@ -108,8 +128,8 @@ job_on_current(void *arg, PGresult *res, const char *err)
         job_reply(j, NULL, err ? err : "payment not found");
 }
 
-/* Replies with the intent as it is now (after another worker won the race,
- * or when the outcome is not known yet). */
+/* Replies with the intent as it is now (the outcome is not known yet, or
+ * somebody else recorded it). */
 static void
 job_reply_current(struct job *j)
 {
@@ -120,6 +140,59 @@ job_reply_current(struct job *j)
               "SELECT payment_intent_object(p)::text FROM payment_intents p WHERE id = $1", 1,
               params, job_on_current, j);
 }
+
+/* ---- the attempt a job runs ---- */
+
+static const char *
+job_col(PGresult *res, int row, const char *name)
+{
+    int col = PQfnumber(res, name);
+    if (col < 0)
+        abort(); /* a statement of ours lost a column */
+    return PQgetvalue(res, row, col);
+}
+
+static int
+worker_provider(const struct worker *w, const char *name)
+{
+    if (!*name)
+        return 0;
+    for (int i = 0; i < w->n_gw; i++)
+        if (strcmp(w->gw[i]->name, name) == 0)
+            return i;
+    return -1;
+}
+
+static bool
+job_is_charge(const struct job *j)
+{
+    return strcmp(j->op, "charge") == 0 || strcmp(j->op, "authorization") == 0;
+}
+
+/* Takes the next attempt (attempt_jobs' columns in row 0 of res). */
+static int
+job_take_attempt(struct job *j, PGresult *res)
+{
+    j->attempt_id = strtoll(job_col(res, 0, "attempt_id"), NULL, 10);
+    snprintf(j->key, sizeof(j->key), "%s", job_col(res, 0, "key"));
+    snprintf(j->op, sizeof(j->op), "%s", job_col(res, 0, "type"));
+    snprintf(j->purpose, sizeof(j->purpose), "%s", job_col(res, 0, "purpose"));
+    j->amount = strtoll(job_col(res, 0, "amount"), NULL, 10);
+    snprintf(j->currency, sizeof(j->currency), "%s", job_col(res, 0, "currency"));
+    snprintf(j->payment_method, sizeof(j->payment_method), "%s", job_col(res, 0, "payment_method"));
+    snprintf(j->provider, sizeof(j->provider), "%s", job_col(res, 0, "provider"));
+    snprintf(j->target, sizeof(j->target), "%s", job_col(res, 0, "target"));
+    snprintf(j->target_key, sizeof(j->target_key), "%s", job_col(res, 0, "target_key"));
+    memset(j->sent, 0, sizeof(j->sent));
+    memset(j->unsure, 0, sizeof(j->unsure));
+    memset(j->tried_before, 0, sizeof(j->tried_before));
+    j->tries = 0;
+    j->step = STEP_CALL;
+    j->prov = worker_provider(j->w, j->provider);
+    return j->prov < 0 ? -1 : 0;
+}
+
+static void job_run(struct job *j);
 
 /* ---- recording the outcome ---- */
 
@@ -143,6 +216,8 @@ job_count_outcome(struct job *j, const char *status, int64_t age_us, int64_t rec
     } else if (strcmp(status, "requires_action") == 0) {
         metric_payment(m, MP_REQUIRES_ACTION);
         final = false;
+    } else {
+        final = false;
     }
     if (final && age_us > 0)
         metric_observe_us(m, MH_PAYMENT_DURATION, (uint64_t)age_us);
@@ -152,222 +227,178 @@ static void
 job_on_recorded(void *arg, PGresult *res, const char *err)
 {
     struct job *j = arg;
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        log_error("payment %s: outcome not recorded: %s", j->public_id,
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+        /* Not recorded: the attempt stays pending and the sweeps resolve it
+         * with the same key. */
+        log_error("payment %s: %s outcome not recorded: %s; left for recovery", j->public_id, j->op,
                   err ? err : PQresultErrorMessage(res));
         job_reply(j, NULL, "the outcome could not be recorded");
         return;
     }
-    if (PQntuples(res) == 0) {
-        /* The version moved: another attempt recorded it first. */
-        job_reply_current(j);
+    const char *status = job_col(res, 0, "status");
+    if (strcmp(job_col(res, 0, "applied"), "t") == 0)
+        job_count_outcome(j, status, strtoll(job_col(res, 0, "age_us"), NULL, 10),
+                          strtoll(job_col(res, 0, "received"), NULL, 10));
+    else
+        log_info("payment %s: %s %s was settled already (a callback or another job)", j->public_id,
+                 j->op, j->key);
+    if (jobs_has_attempt(res, 0)) {
+        if (++j->chain >= JOB_CHAIN_MAX || job_take_attempt(j, res) < 0) {
+            log_error("payment %s: next attempt not run here; left for recovery", j->public_id);
+            job_reply(j, job_col(res, 0, "object"), NULL);
+            return;
+        }
+        log_info("payment %s: the old charge is settled; next %s %s", j->public_id, j->op, j->key);
+        job_run(j);
         return;
     }
-    job_count_outcome(j, PQgetvalue(res, 0, 3), strtoll(PQgetvalue(res, 0, 5), NULL, 10),
-                      strtoll(PQgetvalue(res, 0, 6), NULL, 10));
-    job_reply(j, PQgetvalue(res, 0, 0), NULL);
+    job_reply(j, job_col(res, 0, "object"), NULL);
 }
 
-struct outcome {
-    const char *status;
-    const char *amount_received;
-    const char *amount_capturable;
-    const char *last_payment_error;
-    const char *next_action;
-    const char *tx_type;
-    const char *tx_status;
-    const char *tx_amount;
-    const char *failure_code;
-    const char *failure_message;
-    const char *event;
-    const char *cancellation_reason;
-};
-
+/* Records what the gateway says about the attempt's charge: state is one
+ * of requires_action, requires_capture, succeeded, failed, canceled,
+ * pending, rejected (attempt_apply's vocabulary). */
 static void
-job_record(struct job *j, const struct outcome *o, const char *charge_id)
+job_record(struct job *j, const char *state, const struct gw_result *r)
 {
-    char id[24], version[24], txn[64];
-    snprintf(id, sizeof(id), "%lld", (long long)j->intent_id);
-    snprintf(version, sizeof(version), "%lld", (long long)j->version);
-    ids_time_ordered(txn, sizeof(txn), "txn_", 8);
-    const char *params[17] = {id,
-                              version,
-                              o->status,
-                              o->amount_received,
-                              o->amount_capturable,
-                              o->last_payment_error,
-                              o->next_action,
-                              charge_id && *charge_id ? charge_id : NULL,
-                              o->cancellation_reason,
-                              txn,
-                              o->tx_type,
-                              o->tx_status,
-                              o->tx_amount,
-                              o->failure_code,
-                              o->failure_message,
-                              o->event,
-                              j->w->gw[j->prov]->name};
+    char id[24], amount[24];
+    snprintf(id, sizeof(id), "%lld", (long long)j->attempt_id);
+    snprintf(amount, sizeof(amount), "%lld", (long long)r->amount);
+    const char *params[9] = {id,
+                             state,
+                             r->charge_id[0] ? r->charge_id : NULL,
+                             amount,
+                             r->code[0] ? r->code : NULL,
+                             r->decline_code[0] ? r->decline_code : NULL,
+                             r->message[0] ? r->message : NULL,
+                             j->w->gw[0]->name,
+                             j->w->lease};
+    log_info("payment %s: %s %s -> %s", j->public_id, j->op, j->key, state);
     pgev_exec(j->w->pg,
-              "WITH upd AS (UPDATE payment_intents p SET status = $3,"
-              "  amount_received = coalesce($4::bigint, p.amount_received),"
-              "  amount_capturable = coalesce($5::bigint, p.amount_capturable),"
-              "  last_payment_error = $6::jsonb, next_action = $7::jsonb,"
-              "  gateway_intent_id = coalesce(p.gateway_intent_id, $8),"
-              "  latest_charge = coalesce($8, p.latest_charge),"
-              "  cancellation_reason = coalesce($9, p.cancellation_reason),"
-              "  canceled_at = CASE WHEN $3 = 'canceled' THEN now() ELSE p.canceled_at END,"
-              "  version = p.version + 1, updated_at = now()"
-              "  WHERE p.id = $1 AND p.version = $2 RETURNING p.*),"
-              " tx AS (INSERT INTO payment_transactions (transaction_id, payment_intent_id, type,"
-              "  status, amount, currency, gateway_provider, gateway_transaction_id, failure_code,"
-              "  failure_message, processed_at)"
-              "  SELECT $10, upd.id, $11, $12, $13::bigint, upd.currency, $17, $8, $14, $15, now()"
-              "  FROM upd RETURNING 1),"
-              " saga AS (SELECT saga_outcome_event(ROW(upd.*)::payment_intents, $10, $15) FROM upd"
-              "  WHERE upd.order_id IS NOT NULL"
-              "  AND upd.status IN ('succeeded', 'requires_payment_method', 'canceled')),"
-              " ev AS (SELECT outbox_event(upd.account_id, $16,"
-              "  payment_intent_object(ROW(upd.*)::payment_intents), upd.public_id) FROM upd)"
-              " SELECT payment_intent_object(ROW(upd.*)::payment_intents)::text,"
-              "  (SELECT count(*) FROM tx), (SELECT count(*) FROM ev), upd.status,"
-              "  (SELECT count(*) FROM saga),"
-              "  (extract(epoch FROM clock_timestamp() - upd.created_at) * 1000000)::bigint,"
-              "  upd.amount_received FROM upd",
-              17, params, job_on_recorded, j);
+              "SELECT r.*, j.* FROM attempt_apply($1::bigint, $2, $3, $4::bigint, $5, $6, $7,"
+              " $8, $9::bigint) r LEFT JOIN LATERAL attempt_job(r.next_attempt) j ON true",
+              9, params, job_on_recorded, j);
 }
 
-static char *
-job_decline_error(struct job *j, const struct gw_result *r)
+static const char *
+job_state(enum gw_outcome o)
 {
-    json_t *pm = json_pack("{s:s,s:s,s:s}", "id", j->payment_method, "object", "payment_method",
-                           "type", "card");
-    json_t *err = json_pack(
-        "{s:s,s:s,s:s,s:o}", "type", "card_error", "code", r->code[0] ? r->code : "card_declined",
-        "message", r->message[0] ? r->message : "Your card was declined.", "payment_method", pm);
-    if (r->decline_code[0])
-        json_object_set_new(err, "decline_code", json_string(r->decline_code));
-    char *text = json_dumps(err, JSON_COMPACT);
-    json_decref(err);
-    return text;
+    switch (o) {
+    case GW_SUCCEEDED:
+        return "succeeded";
+    case GW_REQUIRES_CAPTURE:
+        return "requires_capture";
+    case GW_REQUIRES_ACTION:
+        return "requires_action";
+    case GW_DECLINED:
+        return "failed";
+    case GW_CANCELED:
+        return "canceled";
+    case GW_PENDING:
+        return "pending";
+    default:
+        return NULL;
+    }
 }
 
-static char *
-job_rejected_error(const struct gw_result *r)
-{
-    json_t *err = json_pack("{s:s,s:s,s:s}", "type", "api_error", "code", "processing_error",
-                            "message", "The payment gateway could not process this payment.");
-    (void)r; /* the gateway's own words go to the transaction row, not to the client */
-    char *text = json_dumps(err, JSON_COMPACT);
-    json_decref(err);
-    return text;
-}
-
+/* The operation's answer is definite (or retries ran out). */
 static void
 job_finish(struct job *j, const struct gw_result *r)
 {
-    struct outcome o = {0};
-    char amount[24], captured[24];
-    char *lpe = NULL;
-    snprintf(amount, sizeof(amount), "%lld", (long long)j->amount);
-    snprintf(captured, sizeof(captured), "%lld",
-             (long long)(j->amount_to_capture ? j->amount_to_capture : j->amount));
-
-    switch (r->outcome) {
-    case GW_SUCCEEDED:
-        o.status = "succeeded";
-        o.amount_capturable = "0";
-        o.tx_status = "succeeded";
-        o.event = "payment_intent.succeeded";
-        if (strcmp(j->op, "capture") == 0) {
-            o.amount_received = captured;
-            o.tx_type = "capture";
-            o.tx_amount = captured;
-        } else {
-            o.amount_received = amount;
-            o.tx_type = "charge";
-            o.tx_amount = amount;
+    const char *state = job_state(r->outcome);
+    if (j->step == STEP_REDRIVE) {
+        /* What became of an attempt whose answer may be lost. */
+        if (r->outcome == GW_NOT_FOUND && job_is_charge(j)) {
+            j->step = STEP_CALL; /* never reached the gateway: send it (same key) */
+            j->tries = 0;
+            job_run(j);
+            return;
         }
-        break;
-    case GW_REQUIRES_CAPTURE:
-        o.status = "requires_capture";
-        o.amount_capturable = amount;
-        o.tx_type = "authorization";
-        o.tx_status = "succeeded";
-        o.tx_amount = amount;
-        o.event = "payment_intent.amount_capturable_updated";
-        break;
-    case GW_REQUIRES_ACTION:
-        o.status = "requires_action";
-        o.next_action = "{\"type\":\"use_stripe_sdk\",\"use_stripe_sdk\":{\"type\":"
-                        "\"three_d_secure_redirect\"}}";
-        o.tx_type = "authorization";
-        o.tx_status = "requires_action";
-        o.tx_amount = amount;
-        o.event = "payment_intent.requires_action";
-        break;
-    case GW_DECLINED:
-        lpe = job_decline_error(j, r);
-        o.status = "requires_payment_method";
-        o.last_payment_error = lpe;
-        o.tx_type = "charge";
-        o.tx_status = "failed";
-        o.tx_amount = amount;
-        o.failure_code = r->decline_code[0] ? r->decline_code : r->code;
-        o.failure_message = r->message;
-        o.event = "payment_intent.payment_failed";
-        break;
-    case GW_CANCELED:
-        o.status = "canceled";
-        o.amount_capturable = "0";
-        o.tx_type = "cancel";
-        o.tx_status = "succeeded";
-        o.tx_amount = "0";
-        o.event = "payment_intent.canceled";
-        o.cancellation_reason = j->reason[0] ? j->reason : NULL;
-        break;
-    case GW_REJECTED:
-        if (strcmp(j->op, "confirm") != 0)
-            goto unresolved;
+        bool still_needed = (strcmp(j->op, "capture") == 0 && r->outcome == GW_REQUIRES_CAPTURE) ||
+                            (strcmp(j->op, "void") == 0 && (r->outcome == GW_REQUIRES_CAPTURE ||
+                                                            r->outcome == GW_REQUIRES_ACTION));
+        if (still_needed) {
+            j->step = STEP_CALL; /* the charge still waits for it: send it (same key) */
+            j->tries = 0;
+            job_run(j);
+            return;
+        }
+        if (state && !(strcmp(j->op, "capture") == 0 && r->outcome == GW_PENDING)) {
+            job_record(j, state, r);
+            return;
+        }
+        if (r->outcome == GW_PENDING) { /* a capture still settling: its callback finishes it */
+            job_reply_current(j);
+            return;
+        }
+        goto unresolved;
+    }
+    if (j->step == STEP_RESOLVE) {
+        /* The gateway refused a capture or void: the charge's state decides. */
+        if (state) {
+            job_record(j, state, r);
+            return;
+        }
+        goto unresolved;
+    }
+    if (r->outcome == GW_REJECTED && job_is_charge(j)) {
         /* The gateway refused the request itself: certainly not charged. */
-        lpe = job_rejected_error(r);
-        o.status = "requires_payment_method";
-        o.last_payment_error = lpe;
-        o.tx_type = "charge";
-        o.tx_status = "failed";
-        o.tx_amount = amount;
-        o.failure_code = "processing_error";
-        o.failure_message = r->message;
-        o.event = "payment_intent.payment_failed";
-        break;
-    case GW_PENDING:
-        /* Taken, settled later: the gateway's callback records the outcome
-         * (callbacks.c); asking again with the same key is harmless. */
-        log_info("payment %s: %s accepted by %s, settles by callback", j->public_id, j->op,
-                 j->w->gw[j->prov]->name);
-        job_reply_current(j);
-        return;
-    default:
-    unresolved:
-        log_error("payment %s: %s %s (%s); left for recovery", j->public_id, j->op,
-                  gateway_outcome_name(r->outcome), r->message);
-        job_reply_current(j);
+        job_record(j, "rejected", r);
         return;
     }
-    log_info("payment %s: %s -> %s", j->public_id, j->op, o.status);
-    job_record(j, &o, r->charge_id);
-    free(lpe);
+    if (r->outcome == GW_REJECTED || r->outcome == GW_NOT_FOUND) {
+        log_warn("payment %s: gateway refused %s %s (%s); asking for the charge's state",
+                 j->public_id, j->op, j->key, r->message);
+        j->step = STEP_RESOLVE;
+        j->tries = 0;
+        job_run(j);
+        return;
+    }
+    if (state) {
+        job_record(j, state, r);
+        return;
+    }
+unresolved:
+    log_error("payment %s: %s %s %s (%s); left for recovery", j->public_id, j->op, j->key,
+              gateway_outcome_name(r->outcome), r->message);
+    job_reply_current(j);
 }
 
 /* ---- gateway calls with retries ---- */
-
-static void job_call(struct job *j);
 
 static void
 job_on_retry(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
     (void)what;
-    job_call(arg);
+    job_run(arg);
+}
+
+static void
+job_on_renewed(void *arg, PGresult *res, const char *err)
+{
+    (void)arg;
+    if (!res || PQresultStatus(res) != PGRES_COMMAND_OK)
+        log_warn("an attempt's lease was not renewed: %s", err ? err : PQresultErrorMessage(res));
+}
+
+/* A job that runs long (retries, a long queue) renews its attempt's lease,
+ * so the sweeps do not re-drive what a worker still holds. */
+static void
+job_renew_lease(struct job *j)
+{
+    int64_t now = shm_mono_ms();
+    int64_t lease = j->w->ctx->cfg.processing_lease_ms;
+    if (now - j->lease_renewed_ms < lease / 4)
+        return;
+    j->lease_renewed_ms = now;
+    char id[24];
+    snprintf(id, sizeof(id), "%lld", (long long)j->attempt_id);
+    const char *params[2] = {id, j->w->lease};
+    pgev_exec(j->w->pg,
+              "UPDATE payment_transactions SET lease_until = now() + $2::bigint * interval"
+              " '1 millisecond' WHERE id = $1 AND status = 'pending'",
+              2, params, job_on_renewed, NULL);
 }
 
 static void
@@ -380,15 +411,16 @@ job_retry_later(struct job *j, const struct gw_result *r)
     if (getrandom(&rnd, sizeof(rnd), 0) != sizeof(rnd))
         rnd = 0;
     int64_t cap = cfg->gateway_retry_cap_ms;
-    int64_t ceiling = j->attempt < 30 ? (int64_t)JOB_BACKOFF_BASE_MS << j->attempt : cap;
+    int64_t ceiling = j->tries < 30 ? (int64_t)JOB_BACKOFF_BASE_MS << j->tries : cap;
     if (ceiling > cap)
         ceiling = cap;
     long delay = (long)(rnd % (uint32_t)ceiling);
     if (r->retry_after_ms > 0)
         delay = r->retry_after_ms < cap ? r->retry_after_ms : (long)cap;
     log_warn("payment %s: gateway %s %s (%s); retry %d in %ld ms with the same key", j->public_id,
-             j->w->gw[j->prov]->name, gateway_outcome_name(r->outcome), r->message, j->attempt,
+             j->w->gw[j->prov]->name, gateway_outcome_name(r->outcome), r->message, j->tries,
              delay);
+    job_renew_lease(j);
     if (!j->retry)
         j->retry = evtimer_new(j->w->ctx->base, job_on_retry, j);
     struct timeval tv = {delay / 1000, (delay % 1000) * 1000};
@@ -407,9 +439,9 @@ job_on_pinned(void *arg, PGresult *res, const char *err)
         return;
     }
     if (PQntuples(res) == 0) {
-        /* Another attempt moved it first, or may have reached the provider:
+        /* Another job moved it first, or may have reached the provider:
          * it stays, and recovery asks that provider again. */
-        log_warn("payment %s: not moved from %s (another attempt may have reached it); left for "
+        log_warn("payment %s: not moved from %s (another job may have reached it); left for "
                  "recovery",
                  j->public_id, j->w->gw[j->prov]->name);
         job_reply_current(j);
@@ -420,53 +452,49 @@ job_on_pinned(void *arg, PGresult *res, const char *err)
     metric_inc(role_metrics(j->w->ctx), MC_GATEWAY_FAILOVERS);
     j->prov++;
     snprintf(j->provider, sizeof(j->provider), "%s", j->w->gw[j->prov]->name);
-    job_call(j);
+    job_run(j);
 }
 
-/* The provider certainly did not take the charge: pin the payment to the
- * next provider (so recovery asks that one) before calling it. */
+/* The provider certainly did not take the charge: pin the attempt to the
+ * next provider (so recovery asks that one) before calling it. Every call
+ * to a provider is recorded first (job_record_tried), so the provider may
+ * be left only when the calls recorded for it are exactly this job's own
+ * (one, or none when the breaker refused the first). */
 static void
 job_failover(struct job *j, const struct gw_result *r)
 {
     struct worker *w = j->w;
-    char id[24], version[24];
-    snprintf(id, sizeof(id), "%lld", (long long)j->intent_id);
-    snprintf(version, sizeof(version), "%lld", (long long)j->version);
+    char id[24];
+    snprintf(id, sizeof(id), "%lld", (long long)j->attempt_id);
     snprintf(j->why, sizeof(j->why), "%s", r->message);
-    /* When this job never called the provider it leaves, another attempt
-     * with the same key may have: then the move is refused. */
-    /* Every call to a provider is recorded first (job_record_tried), so the
-     * provider may be left only when the calls recorded for it are exactly
-     * this job's own (one, or none when the breaker refused the first). */
-    const char *params[5] = {id, version, w->gw[j->prov + 1]->name, w->gw[j->prov]->name,
+    const char *params[4] = {id, w->gw[j->prov + 1]->name, w->gw[j->prov]->name,
                              j->sent[j->prov] ? "1" : "0"};
     pgev_exec(w->pg,
-              "UPDATE payment_intents SET gateway_provider = $3 WHERE id = $1 AND version = $2"
-              " AND status = 'processing' AND gateway_provider = $4"
-              " AND (CASE WHEN gateway_tried_version = $2 THEN"
-              "  coalesce(cardinality(array_positions(gateway_tried, $4::text)), 0) ELSE 0 END)"
-              "  = $5::int RETURNING 1",
-              5, params, job_on_pinned, j);
+              "UPDATE payment_transactions SET gateway_provider = $2 WHERE id = $1"
+              " AND status = 'pending' AND gateway_provider = $3"
+              " AND coalesce(cardinality(array_positions(providers_tried, $3::text)), 0)"
+              "  = $4::int RETURNING 1",
+              4, params, job_on_pinned, j);
 }
 
 /* What follows a gateway answer (or a breaker's refusal): failover when
  * the provider certainly did not take a charge and another one is left,
  * a retry with the same key and provider for what may be retried, else
- * the outcome is recorded (or left for recovery). */
+ * the answer is acted on (or the attempt left for recovery). */
 static void
 job_next(struct job *j, const struct gw_result *r, bool refused)
 {
     const struct config *cfg = &j->w->ctx->cfg;
     /* Failover only when nothing this job heard from the provider left a
-     * doubt, and no attempt before this job's own first call reached it. */
+     * doubt, and no job before this one's first call reached it. */
     bool clean = !j->unsure[j->prov] && !j->tried_before[j->prov];
-    if (r->outcome == GW_NOT_PROCESSED && strcmp(j->op, "confirm") == 0 &&
+    if (r->outcome == GW_NOT_PROCESSED && job_is_charge(j) && j->step == STEP_CALL &&
         j->prov + 1 < j->w->n_gw && clean) {
         job_failover(j, r);
         return;
     }
     bool retryable = r->outcome == GW_NOT_PROCESSED || r->outcome == GW_AMBIGUOUS;
-    if (retryable && !refused && ++j->attempt < cfg->gateway_max_attempts) {
+    if (retryable && !refused && ++j->tries < cfg->gateway_max_attempts) {
         job_retry_later(j, r);
         return;
     }
@@ -493,21 +521,12 @@ job_on_gateway(void *arg, const struct gw_result *r)
 }
 
 static void
-job_send(struct job *j, const struct gw_request *req)
-{
-    j->sent[j->prov] = true;
-    j->gateway_started_us = http_now_us();
-    struct gateway *gw = j->w->gw[j->prov];
-    gw->call(gw, req, job_on_gateway, j);
-}
-
-static void
 job_on_tried(void *arg, PGresult *res, const char *err)
 {
     struct job *j = arg;
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
         if (res && PQresultStatus(res) == PGRES_TUPLES_OK) {
-            job_reply_current(j); /* moved on: finished, or pinned to another provider */
+            job_reply_current(j); /* moved on: settled, or pinned to another provider */
             return;
         }
         log_error("payment %s: gateway attempt not recorded: %s; left for recovery", j->public_id,
@@ -517,54 +536,61 @@ job_on_tried(void *arg, PGresult *res, const char *err)
     }
     j->tried_before[j->prov] = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
     j->sent[j->prov] = true; /* recorded: from now on it counts as sent */
-    job_call(j);
+    job_run(j);
 }
 
 /* With several providers, records that this attempt goes to the provider
- * before the first call, and learns whether an earlier attempt did. */
+ * before the first call, and learns whether an earlier job sent it there. */
 static void
 job_record_tried(struct job *j)
 {
-    char id[24], version[24];
-    snprintf(id, sizeof(id), "%lld", (long long)j->intent_id);
-    snprintf(version, sizeof(version), "%lld", (long long)j->version);
-    const char *params[3] = {id, version, j->w->gw[j->prov]->name};
+    char id[24];
+    snprintf(id, sizeof(id), "%lld", (long long)j->attempt_id);
+    const char *params[2] = {id, j->w->gw[j->prov]->name};
     pgev_exec(j->w->pg,
-              /* Only the provider the payment is pinned to may be called: a
-               * job re-sent after another attempt moved it finds no row. */
-              "WITH old AS (SELECT id, coalesce(gateway_tried_version = $2 AND"
-              "  $3 = ANY(gateway_tried), false) AS before FROM payment_intents"
-              "  WHERE id = $1 AND version = $2 AND status = 'processing'"
-              "  AND gateway_provider = $3 FOR UPDATE)"
-              " UPDATE payment_intents p SET gateway_tried = CASE WHEN"
-              "  p.gateway_tried_version = $2 THEN array_append(p.gateway_tried, $3::text)"
-              "  ELSE ARRAY[$3::text] END, gateway_tried_version = $2"
-              " FROM old WHERE p.id = old.id RETURNING old.before",
-              3, params, job_on_tried, j);
+              /* Only the provider the attempt is pinned to may be called: a
+               * job re-sent after another one moved it finds no row. */
+              "WITH old AS (SELECT id, $2 = ANY(providers_tried) AS before"
+              "  FROM payment_transactions WHERE id = $1 AND status = 'pending'"
+              "  AND gateway_provider = $2 FOR UPDATE)"
+              " UPDATE payment_transactions a SET providers_tried ="
+              "  array_append(a.providers_tried, $2::text)"
+              " FROM old WHERE a.id = old.id RETURNING old.before",
+              2, params, job_on_tried, j);
 }
 
+/* Runs the job's current step against its provider. */
 static void
-job_call(struct job *j)
+job_run(struct job *j)
 {
     struct gw_request req = {0};
-    req.idempotency_key = j->idem_key;
+    req.idempotency_key = j->key;
     req.amount = j->amount;
     req.currency = j->currency;
     req.payment_method = j->payment_method;
-    req.charge_id = j->charge_id;
-    if (strcmp(j->op, "confirm") == 0) {
+    req.charge_id = j->target;
+    if (j->step != STEP_CALL) {
+        /* Ask what became of it: a charge by the key that created it, a
+         * capture's or void's charge by its id (or by the key that created
+         * it, when its id was never learnt). */
+        req.op = GW_RETRIEVE;
+        if (job_is_charge(j)) {
+            req.charge_id = NULL;
+        } else if (!j->target[0]) {
+            req.idempotency_key = j->target_key;
+        }
+    } else if (job_is_charge(j)) {
         req.op = GW_CHARGE;
-        req.capture = strcmp(j->capture_method, "manual") != 0;
+        req.capture = strcmp(j->op, "charge") == 0;
     } else if (strcmp(j->op, "capture") == 0) {
         req.op = GW_CAPTURE;
-        req.amount = j->amount_to_capture;
     } else {
         req.op = GW_CANCEL;
     }
     if (!breaker_allow(&j->w->ctx->seg->breakers[j->prov], j->w->ctx->cfg.breaker_open_ms,
                        &j->probe)) {
         /* Refused without calling: certainly not received. Another provider
-         * may take it; else the payment stays processing and the sweeps
+         * may take a charge; else the attempt stays pending and the sweeps
          * finish it once the gateway is back. */
         struct gw_result r = {.outcome = GW_NOT_PROCESSED};
         snprintf(r.message, sizeof(r.message), "circuit breaker open");
@@ -575,21 +601,11 @@ job_call(struct job *j)
         job_record_tried(j);
         return;
     }
-    job_send(j, &req);
-}
-
-/* Capture and cancel act on the charge the confirm created. */
-static void
-job_on_charge_id(void *arg, PGresult *res, const char *err)
-{
-    struct job *j = arg;
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1 ||
-        PQgetisnull(res, 0, 0)) {
-        job_reply(j, NULL, err ? err : "no authorization to act on");
-        return;
-    }
-    snprintf(j->charge_id, sizeof(j->charge_id), "%s", PQgetvalue(res, 0, 0));
-    job_call(j);
+    if (req.op != GW_RETRIEVE)
+        j->sent[j->prov] = true;
+    j->gateway_started_us = http_now_us();
+    struct gateway *gw = j->w->gw[j->prov];
+    gw->call(gw, &req, job_on_gateway, j);
 }
 
 /* ---- intake ---- */
@@ -598,36 +614,29 @@ static int
 job_decode(struct job *j, const struct envelope *env)
 {
     const msgpack_object *b = env->body;
-    if (envelope_get_str(b, "op", j->op, sizeof(j->op)) < 0 ||
+    bool redrive = false;
+    if (envelope_get_int(b, "attempt_id", &j->attempt_id) < 0 ||
+        envelope_get_str(b, "key", j->key, sizeof(j->key)) < 0 ||
+        envelope_get_str(b, "op", j->op, sizeof(j->op)) < 0 ||
+        envelope_get_str(b, "purpose", j->purpose, sizeof(j->purpose)) < 0 ||
         envelope_get_int(b, "intent_id", &j->intent_id) < 0 ||
-        envelope_get_int(b, "version", &j->version) < 0 ||
         envelope_get_str(b, "public_id", j->public_id, sizeof(j->public_id)) < 0 ||
-        envelope_get_int(b, "account_id", &j->account_id) < 0 ||
         envelope_get_int(b, "amount", &j->amount) < 0 ||
         envelope_get_str(b, "currency", j->currency, sizeof(j->currency)) < 0 ||
         envelope_get_str(b, "payment_method", j->payment_method, sizeof(j->payment_method)) < 0 ||
-        envelope_get_str(b, "capture_method", j->capture_method, sizeof(j->capture_method)) < 0 ||
         envelope_get_str(b, "provider", j->provider, sizeof(j->provider)) < 0 ||
-        envelope_get_int(b, "amount_to_capture", &j->amount_to_capture) < 0 ||
-        envelope_get_str(b, "reason", j->reason, sizeof(j->reason)) < 0)
+        envelope_get_str(b, "target", j->target, sizeof(j->target)) < 0 ||
+        envelope_get_str(b, "target_key", j->target_key, sizeof(j->target_key)) < 0 ||
+        envelope_get_bool(b, "redrive", &redrive) < 0)
         return -1;
-    if (strcmp(j->op, "confirm") != 0 && strcmp(j->op, "capture") != 0 &&
-        strcmp(j->op, "cancel") != 0)
+    if (!job_is_charge(j) && strcmp(j->op, "capture") != 0 && strcmp(j->op, "void") != 0)
         return -1;
-    if (j->intent_id <= 0 || j->amount <= 0 || j->amount_to_capture < 0)
+    if (j->attempt_id <= 0 || j->intent_id <= 0 || j->amount < 0 || !j->key[0])
         return -1;
+    if (!job_is_charge(j) && !j->target[0] && !j->target_key[0])
+        return -1; /* a capture or void names the charge it acts on */
+    j->step = redrive ? STEP_REDRIVE : STEP_CALL;
     return 0;
-}
-
-static int
-worker_provider(const struct worker *w, const char *name)
-{
-    if (!*name)
-        return 0;
-    for (int i = 0; i < w->n_gw; i++)
-        if (strcmp(w->gw[i]->name, name) == 0)
-            return i;
-    return -1;
 }
 
 static void
@@ -657,33 +666,25 @@ worker_on_message(void *arg, struct nngev_job *nj, nng_msg *msg)
         return;
     }
     snprintf(j->request_id, sizeof(j->request_id), "%s", env.request_id);
+    int64_t queued_ms = shm_now_ms() - env.sent_at_ms;
     envelope_free(&env);
     nng_msg_free(msg);
     worker_jobs_changed(w, +1);
-    /* One gateway idempotency key per attempt: the payment id and the version
-     * the attempt started from. A job re-sent by NNG, or retried here, has the
-     * same version and so the same key (never a second charge); confirming
-     * again after a decline is a new attempt with a new key. */
-    snprintf(j->idem_key, sizeof(j->idem_key), "%s:%s:%lld", j->public_id, j->op,
-             (long long)j->version);
+    j->lease_renewed_ms = shm_mono_ms();
+    if (queued_ms > w->ctx->cfg.processing_lease_ms / 4) {
+        j->lease_renewed_ms = 0; /* it waited long in a queue: renew now */
+        job_renew_lease(j);
+    }
     j->prov = worker_provider(w, j->provider);
     if (j->prov < 0) {
         /* Only the provider it is pinned to can say whether it was charged. */
         log_error("payment %s is pinned to gateway provider %s, which is not configured; left "
-                  "processing",
+                  "pending",
                   j->public_id, j->provider);
         job_reply_current(j);
         return;
     }
-    if (strcmp(j->op, "confirm") == 0) {
-        job_call(j);
-        return;
-    }
-    char id[24];
-    snprintf(id, sizeof(id), "%lld", (long long)j->intent_id);
-    const char *params[1] = {id};
-    pgev_exec(w->pg, "SELECT gateway_intent_id FROM payment_intents WHERE id = $1", 1, params,
-              job_on_charge_id, j);
+    job_run(j);
 }
 
 int
@@ -699,6 +700,7 @@ worker_main(struct role_ctx *ctx)
         log_error("cannot listen at %s: %s", url, nng_strerror(rv));
         return EXIT_ROLE_FAILURE;
     }
+    snprintf(w.lease, sizeof(w.lease), "%lld", (long long)cfg->processing_lease_ms);
     w.pg = pgev_pool_new(ctx->base, cfg, cfg->db_pool_size);
     w.curl = curlev_new(ctx->base);
     for (int i = 0; i < cfg->n_providers && i < SHM_MAX_BREAKERS; i++)

@@ -521,8 +521,11 @@ def main():
             providers = {"GATEWAY_PROVIDERS": "sim_a,sim_b", "GATEWAY_URL": "%s,%s" % (gw.url, backup.url)}
         hooks = Webhooks()
         cleanup.insert(0, hooks.close)
+        # The lease covers a job's worst case with two providers: 4 calls of
+        # 1.5 s, 2 back-offs of 200 ms, 4 statements of 1 s.
         pd = Paymentd(**providers, API_PROCESSES=2, WORKERS=2, GATEWAY_TIMEOUT_MS=1500,
-                      GATEWAY_MAX_ATTEMPTS=3, PROCESSING_LEASE_MS=4000, SWEEP_INTERVAL_MS=500,
+                      GATEWAY_MAX_ATTEMPTS=3, GATEWAY_RETRY_CAP_MS=200, DB_STATEMENT_TIMEOUT_MS=1000,
+                      PROCESSING_LEASE_MS=10400, SWEEP_INTERVAL_MS=500,
                       CONFIRM_WAIT_MS=3000, BREAKER_OPEN_MS=2000, WEBHOOK_ALLOW_PRIVATE=1,
                       OUTBOX_POLL_MS=200, WEBHOOK_TIMEOUT_MS=5000, DB_QUEUE_TIMEOUT_MS=1000,
                       RESTART_INTENSITY=100)

@@ -42,17 +42,26 @@ class MigrateTest(unittest.TestCase):
         subprocess.run([os.path.join(BIN, "paymentctl"), "migrate"], check=True, capture_output=True)
         acct = sql("INSERT INTO accounts (public_id, name) VALUES ('acct_%s', 'c') RETURNING id"
                    % uuid.uuid4().hex[:16])[0][0]
-        base = ("INSERT INTO payment_intents (public_id, account_id, amount, currency, status%s)"
-                " VALUES ('pi_c%s', " + acct + ", %s, 'usd', '%s'%s)")
-        bad = [("", "0", "requires_payment_method", ""),
-               ("", "-1", "requires_payment_method", ""),
-               ("", "100", "flying", ""),
-               (", amount_received, amount_refunded", "100", "succeeded", ", 100, 101"),
-               (", amount_received", "100", "succeeded", ", 101")]
-        for cols, amount, status, vals in bad:
+        base = ("INSERT INTO payment_intents (public_id, account_id, amount, currency, status, transition)"
+                " VALUES ('pi_c%s', " + acct + ", %s, 'usd', '%s', '%s')")
+        bad = [("0", "requires_payment_method", "create"),
+               ("-1", "requires_payment_method", "create"),
+               ("100", "flying", "create"),
+               # the state machine: a payment is not born succeeded, nor without its transition
+               ("100", "succeeded", "create"),
+               ("100", "requires_payment_method", "confirm")]
+        for amount, status, transition in bad:
             with self.assertRaises(AssertionError):
-                sql(base % (cols, uuid.uuid4().hex[:8], amount, status, vals))
-        sql(base % ("", uuid.uuid4().hex[:8], "100", "requires_payment_method", ""))
+                sql(base % (uuid.uuid4().hex[:8], amount, status, transition))
+        with self.assertRaises(AssertionError):
+            sql("INSERT INTO payment_intents (public_id, account_id, amount, currency, status)"
+                " VALUES ('pi_c%s', %s, 100, 'usd', 'requires_payment_method')" % (uuid.uuid4().hex[:8], acct))
+        pid = "pi_c" + uuid.uuid4().hex[:8]
+        sql(base % (pid[4:], "100", "requires_payment_method", "create"))
+        for change in ("amount_received = 101", "amount_received = 100, amount_refunded = 101",
+                       "amount_capturable = 101"):
+            with self.assertRaises(AssertionError):
+                sql("UPDATE payment_intents SET %s WHERE public_id = '%s'" % (change, pid))
 
 
 if __name__ == "__main__":

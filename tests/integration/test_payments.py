@@ -557,7 +557,8 @@ class BreakerTest(unittest.TestCase):
         gw = Gateway()
         port = gw.port
         pd = Paymentd(GATEWAY_URL=gw.url, BREAKER_FAILURES=3, BREAKER_OPEN_MS=1500, GATEWAY_MAX_ATTEMPTS=1,
-                      GATEWAY_TIMEOUT_MS=500, PROCESSING_LEASE_MS=1000, SWEEP_INTERVAL_MS=300,
+                      GATEWAY_TIMEOUT_MS=500, DB_STATEMENT_TIMEOUT_MS=1000, PROCESSING_LEASE_MS=2500,
+                      SWEEP_INTERVAL_MS=300,
                       CONFIRM_WAIT_MS=5000)
         self.addCleanup(pd.cleanup)
         pd.start()
@@ -715,8 +716,11 @@ class FailoverTest(unittest.TestCase):
         # payment that sim_a may hold. One worker, so that the charge below
         # goes over the keep-alive connection the first payment opened (a
         # timeout there has no connect time, and must still count as sent).
-        pd = self.start(a, b, GATEWAY_MAX_ATTEMPTS=2, PROCESSING_LEASE_MS=1500, SWEEP_INTERVAL_MS=300,
-                        BREAKER_FAILURES=2, BREAKER_OPEN_MS=3000, WORKERS=1)
+        # The lease covers a job's worst case: 3 calls of 500 ms, one back-off
+        # of 100 ms, 4 statements of 500 ms.
+        pd = self.start(a, b, GATEWAY_MAX_ATTEMPTS=2, GATEWAY_RETRY_CAP_MS=100, DB_STATEMENT_TIMEOUT_MS=500,
+                        PROCESSING_LEASE_MS=3600, SWEEP_INTERVAL_MS=300, BREAKER_FAILURES=2,
+                        BREAKER_OPEN_MS=6000, WORKERS=1)
         _, _, key = new_account("ambiguous")
         c = Client(pd.port, key)
         code, warm = c.post("/v1/payment_intents", {"amount": 100, "currency": "usd",
@@ -730,9 +734,9 @@ class FailoverTest(unittest.TestCase):
         self.assertEqual(self.charges_for(b, pi["id"]), [])
         wait_for(lambda: 'paymentd_circuit_breaker_state{provider="sim_a"} 1' in pd.metrics(), 20,
                  interval=0.3, what="sim_a's breaker open")
-        time.sleep(2)  # the sweep re-drives it while the breaker is open: it stays with sim_a
+        time.sleep(4.5)  # the sweep re-drives it while the breaker is open: it stays with sim_a
         self.assertEqual(self.charges_for(b, pi["id"]), [])
-        self.assertIn("not moved from sim_a", pd.logs())
+        self.assertIn("was pending past its lease", pd.logs())
         self.assertEqual(sql("SELECT status, gateway_provider FROM payment_intents WHERE public_id = '%s'" % pi["id"]),
                          [["processing", "sim_a"]])
         a.configure(timeout_rate=0)

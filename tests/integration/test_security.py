@@ -1,6 +1,7 @@
 """Security at the border, against real PostgreSQL, Redis and gatewaysim:
 JWT authentication, rate limits (shared and local), signed gateway
-callbacks, input limits, and redaction of card data and secrets."""
+callbacks, input limits, the refusal of card numbers in parameters, and
+redaction of card data and secrets."""
 import base64
 import hashlib
 import hmac
@@ -183,7 +184,7 @@ class CallbackTest(unittest.TestCase):
     def setUpClass(cls):
         cls.port = free_port()
         cls.gw = Gateway("--callback-url", "http://127.0.0.1:%d/v1/gateway_webhooks/sim" % cls.port,
-                         "--callback-secret", CALLBACK_SECRET, "--callback-delay-ms", "300", "--async-capture")
+                         "--callback-secret", CALLBACK_SECRET, "--callback-delay-ms", "3000", "--async-capture")
         cls.pd = Paymentd(GATEWAY_URL=cls.gw.url, GATEWAY_WEBHOOK_SECRET="old-secret-0123456789|" + CALLBACK_SECRET)
         cls.pd.port = cls.port
         cls.pd.env["PORT"] = str(cls.port)
@@ -227,9 +228,12 @@ class CallbackTest(unittest.TestCase):
         return [r[0] for r in sql("SELECT type FROM outbox WHERE aggregate_id = '%s' ORDER BY id" % pi["id"])]
 
     def test_signed_callback_applied_once(self):
-        pi = self.requires_action_payment()  # manual capture: gatewaysim sends nothing itself
+        # Manual capture: the authorization is reported here long before
+        # gatewaysim's own callback (3 s), which then changes nothing.
+        pi = self.requires_action_payment()
         ev = {"id": "gwevt_%d" % time.time_ns(), "type": "charge.succeeded",
-              "data": {"object": {"id": pi["latest_charge"], "amount_captured": 4321}}}
+              "data": {"object": {"id": pi["latest_charge"], "captured": False,
+                                  "status": "requires_capture"}}}
         before = self.events(pi)
         # Refused, and nothing changes: a changed byte, old and future timestamps, no header.
         self.assertEqual(self.post(ev, tamper=True)[0], 401)
@@ -242,18 +246,19 @@ class CallbackTest(unittest.TestCase):
         # A valid signature (among others, as during a rotation) is applied once.
         code, body = self.post(ev, extra_v1="0" * 64)
         self.assertEqual((code, body.get("applied")), (200, True), body)
-        self.assertEqual(self.state(pi), "succeeded")
-        self.assertEqual(self.events(pi), before + ["payment_intent.succeeded"])
+        self.assertEqual(self.state(pi), "requires_capture")
+        authorized = before + ["payment_intent.amount_capturable_updated"]
+        self.assertEqual(self.events(pi), authorized)
         code, body = self.post(ev)
         self.assertEqual((code, body.get("duplicate")), (200, True), body)
-        self.assertEqual(self.events(pi), before + ["payment_intent.succeeded"])
-        # A failure reported after success leaves the payment succeeded.
+        self.assertEqual(self.events(pi), authorized)
+        # A failure reported for the authorization does not wipe it.
         late = {"id": "gwevt_late_%d" % time.time_ns(), "type": "charge.failed",
                 "data": {"object": {"id": pi["latest_charge"], "failure_code": "card_declined"}}}
         code, body = self.post(late)
         self.assertEqual((code, body.get("applied")), (200, False), body)
-        self.assertEqual(self.state(pi), "succeeded")
-        self.assertIn("ignored: the payment is succeeded", self.pd.logs())
+        self.assertEqual(self.state(pi), "requires_capture")
+        self.assertIn("ignored: the payment is requires_capture", self.pd.logs())
         self.assertRegex(self.pd.metrics(), r'paymentd_gateway_callbacks_total\{result="ignored_final_state"\} [1-9]')
         # A charge nobody holds: 404, so the gateway sends it again later.
         unknown = {"id": "gwevt_u%d" % time.time_ns(), "type": "charge.succeeded",
@@ -265,7 +270,7 @@ class CallbackTest(unittest.TestCase):
                                                        "payment_method": "pm_card_authenticationRequired",
                                                        "confirm": "true"})
         self.assertEqual((code, pi["status"]), (200, "requires_action"), pi)
-        wait_for(lambda: self.state(pi) == "succeeded", 15, interval=0.2, what="callback applied")
+        wait_for(lambda: self.state(pi) == "succeeded", 20, interval=0.2, what="callback applied")
         got = self.c.get("/v1/payment_intents/" + pi["id"])[1]
         self.assertEqual(got["amount_received"], 2468)
         self.assertEqual(self.events(pi)[-1], "payment_intent.succeeded")
@@ -277,8 +282,9 @@ class CallbackTest(unittest.TestCase):
                                                        "capture_method": "manual"})
         self.assertEqual((code, pi["status"]), (200, "requires_capture"), pi)
         code, got = self.c.post("/v1/payment_intents/%s/capture" % pi["id"], {"amount_to_capture": 2500})
-        self.assertEqual((code, got["status"]), (200, "requires_capture"), got)  # accepted, not settled
-        wait_for(lambda: self.state(pi) == "succeeded", 15, interval=0.2, what="capture settled by callback")
+        # Accepted, not settled: in flight, as Stripe shows it.
+        self.assertEqual((code, got["status"]), (200, "processing"), got)
+        wait_for(lambda: self.state(pi) == "succeeded", 20, interval=0.2, what="capture settled by callback")
         got = self.c.get("/v1/payment_intents/" + pi["id"])[1]
         self.assertEqual(got["amount_received"], 2500)
         self.assertEqual(self.events(pi)[-1], "payment_intent.succeeded")
@@ -368,6 +374,128 @@ class LimitsTest(unittest.TestCase):
         s.close()
         self.assertLess(elapsed, 8)  # cut off after about REQUEST_TIMEOUT_MS, not left hanging
         self.assertFalse(data.startswith(b"HTTP/1.1 200"), data)
+
+
+class CardNumberTest(unittest.TestCase):
+    """A card number in any parameter, form or JSON, is refused with 400
+    naming the parameter, and leaves nothing behind: no payment, no
+    idempotency key (in PostgreSQL or Redis), no charge at the gateway."""
+
+    CARD = "4242424242424242"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.gw = Gateway()
+        cls.pd = Paymentd(GATEWAY_URL=cls.gw.url).start()
+        _, cls.internal, key = new_account("cards")
+        cls.c = Client(cls.pd.port, key)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.pd.cleanup()
+        cls.gw.stop()
+
+    def snapshot(self):
+        return (sql("SELECT count(*) FROM payment_intents WHERE account_id = %s" % self.internal),
+                self.gw.ledger())
+
+    def assert_key_unused(self, key):
+        self.assertEqual(sql("SELECT count(*) FROM idempotency_keys WHERE account_id = %s"
+                             " AND idempotency_key = '%s'" % (self.internal, key)), [["0"]])
+        redis_key = "idem:%s:%s" % (self.internal, hashlib.sha256(key.encode()).hexdigest()[:32])
+        self.assertEqual(redis_cli("EXISTS", redis_key).strip(), "0")
+
+    def assert_refused(self, answer, param):
+        code, text, _ = answer
+        self.assertEqual(code, 400, text)
+        err = json.loads(text)["error"]
+        self.assertEqual((err["type"], err["code"]), ("invalid_request_error", "parameter_invalid"), text)
+        if param is None:
+            self.assertNotIn("param", err)
+        else:
+            self.assertEqual(err["param"], param, text)
+        digits = self.CARD[:4] + "[ -]?" + self.CARD[4:8]
+        self.assertNotRegex(text, digits)
+
+    def refuse_all(self, key, cases, json_body=False):
+        before = self.snapshot()
+        for name, (params, param) in cases.items():
+            with self.subTest(name):
+                body = dict({"amount": 1000, "currency": "usd"}, **params)
+                if json_body:
+                    answer = self.c.call("POST", "/v1/payment_intents", json_body=body, idem=key)
+                else:
+                    answer = self.c.call("POST", "/v1/payment_intents", body, idem=key)
+                self.assert_refused(answer, param)
+        self.assertEqual(self.snapshot(), before)
+        self.assert_key_unused(key)
+        # The key was never claimed: valid parameters under it go through, once.
+        body = {"amount": 1000, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True}
+        if json_body:
+            first = self.c.call("POST", "/v1/payment_intents", json_body=body, idem=key)
+        else:
+            body["confirm"] = "true"
+            first = self.c.call("POST", "/v1/payment_intents", body, idem=key)
+        self.assertEqual(first[0], 200, first[1])
+        pi = json.loads(first[1])
+        self.assertEqual(pi["status"], "succeeded", pi)
+        again = self.c.call("POST", "/v1/payment_intents", json_body=body, idem=key) if json_body else \
+            self.c.call("POST", "/v1/payment_intents", body, idem=key)
+        self.assertEqual((again[0], again[2].get("Idempotent-Replayed")), (200, "true"), again[1])
+        self.assertEqual(json.loads(again[1])["id"], pi["id"])
+        self.assertEqual(int(self.snapshot()[0][0][0]), int(before[0][0][0]) + 1)
+
+    def test_form_parameters(self):
+        card = self.CARD
+        self.refuse_all("card-form-%d" % time.time_ns(), {
+            "payment_method": ({"payment_method": card, "confirm": "true"}, "payment_method"),
+            "metadata value": ({"metadata[note]": card}, "metadata[note]"),
+            "description": ({"description": "card %s thanks" % card}, "description"),
+            "customer": ({"customer": card}, "customer"),
+            "spaces": ({"metadata[note]": "4242 4242 4242 4242"}, "metadata[note]"),
+            "dashes": ({"description": "4242-4242-4242-4242"}, "description"),
+            "19 digits": ({"metadata[ref]": "4000000000000000006"}, "metadata[ref]"),
+            "metadata key": ({"metadata[%s]" % card: "x"}, "metadata"),
+            "grouped key": ({"metadata[card %s]" % card: "x"}, "metadata"),
+            "array": ({"payment_method_types[0]": "card", "payment_method_types[1]": card},
+                      "payment_method_types[1]"),
+            "unknown nested": ({"card[number]": card, "card[cvc]": "123"}, "card[number]"),
+            "top-level key": ({card: "x"}, None),
+        })
+
+    def test_json_bodies(self):
+        card = self.CARD
+        self.refuse_all("card-json-%d" % time.time_ns(), {
+            "payment_method": ({"payment_method": card, "confirm": True}, "payment_method"),
+            "metadata value": ({"metadata": {"note": card}}, "metadata[note]"),
+            "metadata number": ({"metadata": {"note": int(card)}}, "metadata[note]"),
+            "description": ({"description": "card %s thanks" % card}, "description"),
+            "customer": ({"customer": card}, "customer"),
+            "metadata key": ({"metadata": {card: "x"}}, "metadata"),
+            "nested arrays": ({"x": [["a"], ["b", {"c": ["4242-4242-4242-4242"]}]]}, "x[1][1][c][0]"),
+        }, json_body=True)
+
+    def test_not_card_numbers(self):
+        # Luhn-invalid 16 digits, a 12-digit number and ordinary ids are left alone.
+        code, pi = self.c.post("/v1/payment_intents", {
+            "amount": 1000, "currency": "usd", "metadata[order]": "4242424242424241",
+            "metadata[ref]": "424242424242", "description": "order 1234567890123"})
+        self.assertEqual(code, 200, pi)
+        self.assertEqual(pi["metadata"], {"order": "4242424242424241", "ref": "424242424242"})
+
+    def test_update_confirm_and_queries(self):
+        code, pi = self.c.post("/v1/payment_intents", {"amount": 700, "currency": "usd",
+                                                       "metadata[note]": "kept"})
+        self.assertEqual(code, 200, pi)
+        path = "/v1/payment_intents/" + pi["id"]
+        before = self.snapshot()
+        self.assert_refused(self.c.call("POST", path, {"metadata[note]": self.CARD}), "metadata[note]")
+        self.assert_refused(self.c.call("POST", path + "/confirm", {"payment_method": self.CARD}),
+                            "payment_method")
+        self.assert_refused(self.c.call("GET", "/v1/payment_intents", {"customer": self.CARD}), "customer")
+        self.assertEqual(self.snapshot(), before)
+        code, got = self.c.get(path)
+        self.assertEqual((got["status"], got["metadata"]), ("requires_payment_method", {"note": "kept"}), got)
 
 
 class RedactionTest(unittest.TestCase):

@@ -1,7 +1,8 @@
-"""The maintenance sweeps: a payment left processing (its job lost) is
-finished with the same gateway key, never charged twice; intents past
-expires_at are canceled with their event; idempotency keys older than 24 h
-are removed; the consistency checks report violations."""
+"""The maintenance sweeps: a gateway attempt left pending (its job lost) is
+resolved with the same gateway key, never charged twice; intents past
+expires_at are canceled with their event, and an expired authorization is
+voided at the gateway first; idempotency keys older than 24 h are removed;
+the consistency checks report violations."""
 import json
 import time
 import unittest
@@ -14,8 +15,10 @@ class SweepsTest(unittest.TestCase):
     def setUpClass(cls):
         migrate()
         cls.gw = Gateway()
-        cls.pd = Paymentd(GATEWAY_URL=cls.gw.url, SWEEP_INTERVAL_MS=300, PROCESSING_LEASE_MS=1000,
-                          CONSISTENCY_INTERVAL_MS=500).start()
+        # The lease must cover a job's worst case: 2 x 1 s + 200 ms + 2 x 1 s.
+        cls.pd = Paymentd(GATEWAY_URL=cls.gw.url, SWEEP_INTERVAL_MS=300, GATEWAY_TIMEOUT_MS=1000,
+                          GATEWAY_MAX_ATTEMPTS=2, GATEWAY_RETRY_CAP_MS=200, DB_STATEMENT_TIMEOUT_MS=1000,
+                          PROCESSING_LEASE_MS=5000, CONSISTENCY_INTERVAL_MS=500).start()
         wait_for(lambda: "leads the maintenance sweeps" in cls.pd.logs(), 20, what="a sweep leader")
 
     @classmethod
@@ -28,14 +31,14 @@ class SweepsTest(unittest.TestCase):
         self.c = Client(self.pd.port, key)
 
     def lost_job(self):
-        """An intent moved to processing whose confirm job never reached a worker."""
+        """A payment confirmed (its attempt written) whose job never reached a
+        worker, with the attempt's lease already run out; returns its key."""
         code, pi = self.c.post("/v1/payment_intents", {"amount": 1999, "currency": "usd",
                                                       "payment_method": "pm_card_visa"})
         self.assertEqual(code, 200)
-        version = sql("UPDATE payment_intents SET status = 'processing', version = version + 1,"
-                      " gateway_provider = 'sim', updated_at = now() - interval '1 minute'"
-                      " WHERE public_id = '%s' RETURNING version" % pi["id"])[0][0]
-        return pi["id"], version
+        key = sql("SELECT j.key FROM pi_confirm('%s', %s, NULL, NULL, 'sim', NULL, NULL, 0) r"
+                  " JOIN LATERAL attempt_job(r.attempt_id) j ON true" % (pi["id"], self.acct_id))[0][0]
+        return pi["id"], key
 
     def charges_of(self, pi):
         return [c for c in self.gw.ledger()["data"] if (c.get("idempotency_key") or "").startswith(pi + ":")]
@@ -45,17 +48,17 @@ class SweepsTest(unittest.TestCase):
         wait_for(lambda: sql("SELECT status FROM payment_intents WHERE public_id = '%s'" % pi) == [["succeeded"]],
                  20, what="re-driven payment succeeded")
         self.assertEqual(len(self.charges_of(pi)), 1)
-        self.assertIn("processing past its lease", self.pd.logs())
+        self.assertIn("was pending past its lease", self.pd.logs())
 
     def test_charge_taken_before_the_loss_is_not_taken_again(self):
-        pi, version = self.lost_job()
+        pi, key = self.lost_job()
         # The gateway already took the charge (the worker died before recording it).
         import http.client
         conn = http.client.HTTPConnection("127.0.0.1", self.gw.port, timeout=10)
         conn.request("POST", "/v1/charges", body=json.dumps({"amount": 1999, "currency": "usd",
                                                             "payment_method": "pm_card_visa", "capture": True}),
                      headers={"Content-Type": "application/json",
-                              "Idempotency-Key": "%s:confirm:%s" % (pi, version)})
+                              "Idempotency-Key": key})
         taken = json.loads(conn.getresponse().read())
         conn.close()
         wait_for(lambda: sql("SELECT status FROM payment_intents WHERE public_id = '%s'" % pi) == [["succeeded"]],
@@ -91,9 +94,25 @@ class SweepsTest(unittest.TestCase):
                  20, what="old callback id removed")
         self.assertEqual(sql("SELECT count(*) FROM gateway_events WHERE event_id = 'gwevt_new_%s'" % tag), [["1"]])
 
+    def test_expired_authorization_is_voided_then_canceled(self):
+        code, pi = self.c.post("/v1/payment_intents", {"amount": 700, "currency": "usd", "capture_method": "manual",
+                                                      "payment_method": "pm_card_visa", "confirm": "true"})
+        self.assertEqual(pi["status"], "requires_capture")
+        sql("UPDATE payment_intents SET expires_at = now() - interval '1 second' WHERE public_id = '%s'" % pi["id"])
+        wait_for(lambda: self.c.get("/v1/payment_intents/" + pi["id"])[1]["status"] == "canceled", 20,
+                 what="expired authorization canceled")
+        self.assertEqual([c["status"] for c in self.charges_of(pi["id"])], ["canceled"])
+        types = [r[0] for r in sql("SELECT type FROM outbox WHERE aggregate_id = '%s' ORDER BY id" % pi["id"])]
+        self.assertEqual(types, ["payment_intent.created", "payment_intent.amount_capturable_updated",
+                                 "payment_intent.canceled"])
+
     def test_consistency_violations_are_reported(self):
-        code, pi = self.c.post("/v1/payment_intents", {"amount": 300, "currency": "usd"})
-        sql("UPDATE payment_intents SET status = 'succeeded', amount_received = 300 WHERE public_id = '%s'" % pi["id"])
+        code, pi = self.c.post("/v1/payment_intents", {"amount": 300, "currency": "usd",
+                                                      "payment_method": "pm_card_visa", "confirm": "true"})
+        self.assertEqual(pi["status"], "succeeded")
+        # The state machine allows no such state: only removing its record makes one.
+        sql("DELETE FROM payment_transactions WHERE payment_intent_id ="
+            " (SELECT id FROM payment_intents WHERE public_id = '%s')" % pi["id"])
 
         def reported():
             for line in self.pd.metrics().splitlines():

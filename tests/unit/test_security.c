@@ -1,5 +1,6 @@
-/* Unit tests for the pure security pieces: redaction, callback signatures,
- * the Authorization header reader and JWT checks. */
+/* Unit tests for the pure security pieces: redaction, the card number
+ * refusal, callback signatures, the Authorization header reader and JWT
+ * checks. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -15,6 +16,8 @@
 #include "crypto.h"
 #include "redact.h"
 #include "signature.h"
+
+#include "params.h"
 
 static void
 test_redact_cards_and_secrets(void **state)
@@ -38,6 +41,128 @@ test_redact_cards_and_secrets(void **state)
     memcpy(copy, d, sizeof(d));
     redact(d);
     assert_string_equal(d, copy);
+}
+
+/* Parses a body as a request's would be, then looks for a card; param gets
+ * the parameter named in the error, which must never hold the number. */
+static bool
+card_in(json_t *p, const struct params_error *parse_err, char param[64])
+{
+    struct params_error err;
+    bool found;
+    if (!p) { /* the form parser refuses what it cannot keep */
+        err = *parse_err;
+        found = true;
+    } else {
+        found = params_find_card(p, &err);
+        json_decref(p);
+    }
+    if (found) {
+        assert_int_equal(err.status, 400);
+        assert_string_equal(err.code, "parameter_invalid");
+        assert_non_null(strstr(err.message, "Raw card numbers are not accepted"));
+        assert_false(redact_has_card(err.message, strlen(err.message)));
+        assert_false(redact_has_card(err.param, strlen(err.param)));
+        assert_null(strstr(err.message, "4242"));
+        snprintf(param, 64, "%s", err.param);
+    }
+    return found;
+}
+
+static bool
+card_in_form(const char *body, char param[64])
+{
+    struct params_error err;
+    return card_in(params_parse_form(body, strlen(body), &err), &err, param);
+}
+
+static bool
+card_in_json(const char *body, char param[64])
+{
+    struct params_error err;
+    json_t *p = params_parse_json(body, strlen(body), &err);
+    assert_non_null(p);
+    return card_in(p, &err, param);
+}
+
+static void
+test_card_numbers_refused(void **state)
+{
+    (void)state;
+    char param[64];
+    /* The same rule redact() masks by, asked without changing the buffer. */
+    assert_true(redact_has_card("4242424242424242", 16));
+    assert_false(redact_has_card("12 4242424242424242", 2)); /* only the buffer's length */
+    assert_false(redact_has_card("4242424242424241", 16));
+
+    assert_true(card_in_form("amount=100&metadata[k]=4242424242424242", param));
+    assert_string_equal(param, "metadata[k]");
+    assert_true(card_in_form("amount=100&payment_method=4242424242424242&confirm=true", param));
+    assert_string_equal(param, "payment_method");
+    /* Luhn-invalid 16 digits; Luhn-valid 12 and 20 digits; inside a word: not cards. */
+    assert_false(card_in_form("metadata[k]=4242424242424241", param));
+    assert_false(card_in_form("metadata[k]=424242424242", param));
+    assert_false(card_in_form("metadata[k]=42424242424242424242", param));
+    assert_false(card_in_form("metadata[k]=ref4242424242424242&description=pi_4242", param));
+    assert_false(card_in_form("amount=100&currency=usd&metadata[order]=1234567890123", param));
+    /* 13 and 19 digits, the bounds. */
+    assert_true(card_in_form("description=4222222222222", param));
+    assert_string_equal(param, "description");
+    assert_false(card_in_form("customer=6011000990139424000", param)); /* 19, not Luhn */
+    assert_true(card_in_form("customer=4000000000000000006", param));  /* 19 digits, Luhn */
+    assert_string_equal(param, "customer");
+    /* Grouped by single spaces (also '+' in a form) or dashes, and in text. */
+    assert_true(card_in_form("metadata[k]=4242%204242%204242%204242", param));
+    assert_string_equal(param, "metadata[k]");
+    assert_true(card_in_form("metadata[k]=4242+4242+4242+4242", param));
+    assert_true(card_in_form("metadata[k]=4242-4242-4242-4242", param));
+    assert_true(card_in_form("description=card+4242424242424242+thanks", param));
+    assert_string_equal(param, "description");
+    assert_false(card_in_form("metadata[k]=4242++4242+4242+4242", param)); /* two spaces */
+    /* Keys: named by what holds them, never by the number. */
+    assert_true(card_in_form("amount=100&metadata[4242424242424242]=x", param));
+    assert_string_equal(param, "metadata");
+    assert_true(card_in_form("amount=100&4242424242424242=x", param));
+    assert_string_equal(param, "");
+    assert_true(card_in_form("a[0][4242424242424242]=x", param));
+    assert_string_equal(param, "a[0]");
+    assert_true(card_in_form("a[]=x&a[4242424242424242]=y", param));
+    assert_string_equal(param, "a");
+    assert_true(card_in_form("metadata[card+4242-4242-4242-4242]=x", param));
+    assert_string_equal(param, "metadata");
+    /* Ordinary indices and keys still parse as before. */
+    assert_false(card_in_form("a[]=x&a[foo]=y&b[0][c]=1&b[7]=2&metadata[42]=z", param));
+    /* Arrays and nesting, named Stripe's way. */
+    assert_true(
+        card_in_form("payment_method_types[]=card&payment_method_types[]=4242424242424242", param));
+    assert_string_equal(param, "payment_method_types[1]");
+    assert_true(card_in_form("a[0][b]=x&a[1][b]=5555555555554444", param));
+    assert_string_equal(param, "a[1][b]");
+    assert_true(card_in_form("card[number]=4242424242424242&card[cvc]=123", param));
+    assert_string_equal(param, "card[number]");
+    /* JSON bodies: strings, numbers, nested arrays. */
+    assert_true(
+        card_in_json("{\"amount\": 100, \"metadata\": {\"k\": \"4242424242424242\"}}", param));
+    assert_string_equal(param, "metadata[k]");
+    assert_true(card_in_json("{\"metadata\": {\"k\": 4242424242424242}}", param));
+    assert_string_equal(param, "metadata[k]");
+    assert_true(card_in_json("{\"description\": 4242424242424242.0}", param));
+    assert_string_equal(param, "description");
+    assert_true(
+        card_in_json("{\"x\": [[\"a\"], [\"b\", {\"c\": [\"4242-4242-4242-4242\"]}]]}", param));
+    assert_string_equal(param, "x[1][1][c][0]");
+    assert_true(card_in_json("{\"metadata\": {\"n\": {\"4242424242424242\": 1}}}", param));
+    assert_string_equal(param, "metadata[n]");
+    assert_false(card_in_json("{\"amount\": 4242424242424241, \"confirm\": true, \"m\": null, "
+                              "\"r\": 1.5, \"a\": [1, 2, \"pm_card_visa\"]}",
+                              param));
+    /* A name longer than the buffer is cut, not overrun. */
+    assert_true(
+        card_in_json("{\"metadata\": {\"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk\": {"
+                     "\"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk\": \"4242424242424242\"}}}",
+                     param));
+    assert_int_equal(strlen(param), 63);
+    assert_memory_equal(param, "metadata[kkkk", 13);
 }
 
 static void
@@ -169,6 +294,7 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_redact_cards_and_secrets),
+        cmocka_unit_test(test_card_numbers_refused),
         cmocka_unit_test(test_signature),
         cmocka_unit_test(test_authorization_header),
         cmocka_unit_test(test_jwt),
