@@ -216,6 +216,26 @@ void intents_list(struct api_req *r);
 void intents_confirm(struct api_req *r);
 void intents_capture(struct api_req *r);
 void intents_cancel(struct api_req *r);
+/* Sends the gateway attempt named in row 0 of res (attempt_jobs' columns)
+ * to a worker; the request is answered with the worker's outcome, or with
+ * pending_body after CONFIRM_WAIT_MS. */
+void intents_send_job(struct api_req *r, PGresult *res, const char *pending_body);
+/* Answers with an object: an intent (402 card_error after a decline on
+ * create or confirm) or a refund. */
+void intents_respond_object(struct api_req *r, const char *obj);
+
+/* refunds.c */
+void refunds_create(struct api_req *r);
+void refunds_retrieve(struct api_req *r);
+void refunds_update(struct api_req *r);
+void refunds_list(struct api_req *r);
+void refunds_cancel(struct api_req *r);
+/* Answers with a refund by internal id (idempotency recovery). */
+void refunds_respond_current(struct api_req *r, int64_t refund_id);
+
+/* charges.c */
+void charges_retrieve(struct api_req *r);
+void charges_list(struct api_req *r);
 #include "jobs.h"
 
 /* The job's wait, the lease of attempts, the first provider: every

@@ -34,16 +34,26 @@
 
 #define CALLBACK_TOLERANCE_S 300
 
-struct callback {
-    char provider[32];
-    char event_id[256];
-    char type[64];
-    char charge[128];
+#define CALLBACK_MAX_ITEMS 32 /* refunds listed in one charge.refunded */
+
+/* What a callback says about one object (a charge, or a refund). */
+struct callback_item {
+    char id[128];
     char key[160]; /* the attempt's idempotency key, when the gateway echoes it */
     char amount[24];
     char failure_code[64];
     char failure_message[256];
-    const char *state; /* the charge's state the callback reports; NULL: not one we act on */
+    const char *state; /* the object's state; NULL: not one we act on */
+};
+
+struct callback {
+    char provider[32];
+    char event_id[256];
+    char type[64];
+    /* The charge's outcome (charge.*), the refund's (refund.updated), or each
+     * refund of a charge.refunded. */
+    struct callback_item items[CALLBACK_MAX_ITEMS];
+    int n_items;
 };
 
 static void
@@ -54,6 +64,9 @@ callbacks_reject(struct api_req *r, int status, const char *code, const char *ms
     v1_error(r, status, "invalid_request_error", code, msg, NULL);
 }
 
+/* One row per item: result, payment, status before, status after. The
+ * callback is applied when any item was; a repeat when all were repeats; a
+ * single object nobody holds answers 404 (the gateway sends it again). */
 static void
 callbacks_on_applied(void *arg, PGresult *res, const char *err)
 {
@@ -62,32 +75,74 @@ callbacks_on_applied(void *arg, PGresult *res, const char *err)
     struct shm_metrics *m = role_metrics(r->api->ctx);
     if (!v1_rows(r, res, err))
         return;
-    const char *result = PQgetvalue(res, 0, 0);
-    const char *payment = PQgetvalue(res, 0, 1);
-    const char *before = PQgetvalue(res, 0, 2);
-    const char *after = PQgetvalue(res, 0, 3);
-    if (strcmp(result, "unknown") == 0) { /* no attempt holds this charge (yet) */
+    int applied = 0, duplicate = 0, unknown = 0, n = PQntuples(res);
+    for (int i = 0; i < n; i++) {
+        const char *result = PQgetvalue(res, i, 0);
+        if (strcmp(result, "applied") == 0) {
+            applied++;
+            log_info("gateway callback %s (%s): payment %s %s -> %s", cb->event_id, cb->type,
+                     PQgetvalue(res, i, 1), PQgetvalue(res, i, 2), PQgetvalue(res, i, 3));
+        } else if (strcmp(result, "duplicate") == 0) {
+            duplicate++;
+        } else if (strcmp(result, "unknown") == 0) {
+            unknown++;
+        } else {
+            log_warn("gateway callback %s (%s) for payment %s ignored: the payment is %s and the "
+                     "state machine has no such transition for this object",
+                     cb->event_id, cb->type, PQgetvalue(res, i, 1), PQgetvalue(res, i, 2));
+        }
+    }
+    if (n == 1 && unknown == 1) {
         callbacks_reject(r, 404, "resource_missing",
-                         "No payment holds this charge; send the callback again later.");
+                         "No payment holds this object; send the callback again later.");
         return;
     }
-    if (strcmp(result, "duplicate") == 0) {
+    if (applied) {
+        metric_inc(m, MC_CALLBACKS_APPLIED);
+        v1_respond(r, 200, "{\"received\":true,\"applied\":true}");
+    } else if (n > 0 && duplicate == n) {
         metric_inc(m, MC_CALLBACKS_DUPLICATE);
         v1_respond(r, 200, "{\"received\":true,\"duplicate\":true}");
-        return;
-    }
-    if (strcmp(result, "ignored") == 0) {
+    } else {
         metric_inc(m, MC_CALLBACKS_IGNORED);
-        log_warn("gateway callback %s (%s) for payment %s ignored: the payment is %s and the "
-                 "state machine has no such transition for this charge",
-                 cb->event_id, cb->type, payment, before);
         v1_respond(r, 200, "{\"received\":true,\"applied\":false}");
-        return;
     }
-    metric_inc(m, MC_CALLBACKS_APPLIED);
-    log_info("gateway callback %s (%s): payment %s %s -> %s", cb->event_id, cb->type, payment,
-             before, after);
-    v1_respond(r, 200, "{\"received\":true,\"applied\":true}");
+}
+
+/* Items as PostgreSQL array literals, one array per field. */
+static char *
+callbacks_array(const struct callback *cb, size_t field)
+{
+    struct evbuffer *b = evbuffer_new();
+    evbuffer_add(b, "{", 1);
+    for (int i = 0; i < cb->n_items; i++) {
+        const struct callback_item *it = &cb->items[i];
+        const char *v = field == 0   ? it->id
+                        : field == 1 ? it->key
+                        : field == 2 ? it->state
+                        : field == 3 ? it->amount
+                        : field == 4 ? it->failure_code
+                                     : it->failure_message;
+        if (i)
+            evbuffer_add(b, ",", 1);
+        if (!v || !*v) {
+            evbuffer_add(b, "NULL", 4);
+            continue;
+        }
+        evbuffer_add(b, "\"", 1);
+        for (const char *p = v; *p; p++) {
+            if (*p == '"' || *p == '\\')
+                evbuffer_add(b, "\\", 1);
+            evbuffer_add(b, p, 1);
+        }
+        evbuffer_add(b, "\"", 1);
+    }
+    evbuffer_add(b, "}", 2); /* with its NUL */
+    size_t len = evbuffer_get_length(b);
+    char *text = xmalloc(len);
+    evbuffer_remove(b, text, len);
+    evbuffer_free(b);
+    return text;
 }
 
 static void
@@ -96,25 +151,37 @@ callbacks_apply(struct api_req *r)
     struct callback *cb = r->state_data;
     char lease[24];
     snprintf(lease, sizeof(lease), "%lld", (long long)INTENTS_LEASE(r->api));
-    const char *params[11] = {cb->provider,
+    char *arrays[6];
+    for (size_t f = 0; f < 6; f++)
+        arrays[f] = callbacks_array(cb, f);
+    bool many = strcmp(cb->type, "charge.refunded") == 0;
+    const char *params[12] = {cb->provider,
                               cb->event_id,
-                              cb->type,
-                              cb->charge,
-                              cb->key[0] ? cb->key : NULL,
-                              cb->state,
-                              cb->amount[0] ? cb->amount : NULL,
-                              cb->failure_code[0] ? cb->failure_code : NULL,
-                              cb->failure_message[0] ? cb->failure_message : NULL,
+                              many ? "refund.updated" : cb->type,
+                              arrays[0],
+                              arrays[1],
+                              arrays[2],
+                              arrays[3],
+                              arrays[4],
+                              arrays[5],
                               r->api->ctx->cfg.providers[0].name,
-                              lease};
-    /* The state machine decides (sql/010_attempts.sql gateway_callback):
-     * the callback is matched to its attempt and applied only where the
-     * table allows it from the payment's state; else recorded and ignored. */
+                              lease,
+                              many ? "t" : "f"};
+    /* The state machine decides (gateway_callback in sql/010_attempts.sql),
+     * item by item: each is matched to its attempt and applied only where
+     * the tables allow it; else recorded and ignored. A charge.refunded
+     * item has its own event id (the event's, then ':' and the refund). */
     pgev_exec(r->api->pg,
-              "SELECT result, coalesce(payment, ''), coalesce(status_before, ''),"
-              " coalesce(status, '') FROM gateway_callback($1, $2, $3, $4, $5, $6, $7::bigint,"
-              " $8, $9, $10, $11::bigint)",
-              11, params, callbacks_on_applied, r);
+              "SELECT g.result, coalesce(g.payment, ''), coalesce(g.status_before, ''),"
+              " coalesce(g.status, '') FROM unnest($4::text[], $5::text[], $6::text[],"
+              " $7::bigint[], $8::text[], $9::text[]) WITH ORDINALITY"
+              "  AS x(id, key, state, amount, code, message, n),"
+              " LATERAL gateway_callback($1, CASE WHEN $12::boolean THEN $2 || ':' || x.id"
+              "  ELSE $2 END, $3, x.id, x.key, x.state, x.amount, x.code, x.message, $10,"
+              "  $11::bigint) g ORDER BY x.n",
+              12, params, callbacks_on_applied, r);
+    for (size_t f = 0; f < 6; f++)
+        free(arrays[f]);
 }
 
 static int
@@ -136,7 +203,53 @@ callbacks_copy(char *dst, size_t cap, json_t *obj, const char *key, bool require
     return 0;
 }
 
-/* Reads the body: {id, type, data: {object: {id, amount_captured, failure_code, ...}}}. */
+/* One object of a callback: a charge, or a refund. */
+static int
+callbacks_item(struct callback_item *it, json_t *obj, const char *type)
+{
+    if (!json_is_object(obj) || callbacks_copy(it->id, sizeof(it->id), obj, "id", true) < 0 ||
+        callbacks_copy(it->failure_code, sizeof(it->failure_code), obj, "failure_code", false) <
+            0 ||
+        callbacks_copy(it->failure_message, sizeof(it->failure_message), obj, "failure_message",
+                       false) < 0)
+        return -1;
+    bool refund = strncmp(type, "refund.", 7) == 0 || strcmp(type, "charge.refunded") == 0;
+    json_t *amount = json_object_get(obj, refund ? "amount" : "amount_captured");
+    if (json_is_integer(amount) && json_integer_value(amount) > 0)
+        snprintf(it->amount, sizeof(it->amount), "%lld", (long long)json_integer_value(amount));
+    /* Our attempt's key, when the gateway echoes it (metadata, or its own field). */
+    const char *key =
+        json_string_value(json_object_get(json_object_get(obj, "metadata"), "paymentd_attempt"));
+    if (!key)
+        key = json_string_value(json_object_get(obj, "idempotency_key"));
+    if (key && strlen(key) < sizeof(it->key))
+        snprintf(it->key, sizeof(it->key), "%s", key);
+    const char *status = json_string_value(json_object_get(obj, "status"));
+    if (refund) {
+        if (status && (strcmp(status, "succeeded") == 0 || strcmp(status, "failed") == 0 ||
+                       strcmp(status, "canceled") == 0 || strcmp(status, "pending") == 0))
+            it->state = strcmp(status, "succeeded") == 0  ? "succeeded"
+                        : strcmp(status, "failed") == 0   ? "failed"
+                        : strcmp(status, "canceled") == 0 ? "canceled"
+                                                          : "pending";
+        if (it->state && strcmp(it->state, "failed") == 0)
+            callbacks_copy(it->failure_code, sizeof(it->failure_code), obj, "failure_reason",
+                           false);
+    } else if (strcmp(type, "charge.succeeded") == 0) {
+        /* Captured, or only authorized (manual capture). */
+        bool authorized_only = json_is_false(json_object_get(obj, "captured")) ||
+                               (status && strcmp(status, "requires_capture") == 0);
+        it->state = authorized_only ? "requires_capture" : "succeeded";
+    } else if (strcmp(type, "charge.captured") == 0) {
+        it->state = "succeeded";
+    } else if (strcmp(type, "charge.failed") == 0) {
+        it->state = "failed";
+    }
+    return 0;
+}
+
+/* Reads the body: {id, type, data: {object: {id, ...}}}; for charge.refunded
+ * the charge's refunds (data.object.refunds, a list or {data: [...]}). */
 static int
 callbacks_decode(struct callback *cb, const char *body, size_t len, const char **why)
 {
@@ -146,33 +259,27 @@ callbacks_decode(struct callback *cb, const char *body, size_t len, const char *
     *why = "The body must be a JSON event with id, type and data.object.id.";
     if (!json_is_object(obj) ||
         callbacks_copy(cb->event_id, sizeof(cb->event_id), root, "id", true) < 0 ||
-        callbacks_copy(cb->type, sizeof(cb->type), root, "type", true) < 0 ||
-        callbacks_copy(cb->charge, sizeof(cb->charge), obj, "id", true) < 0 ||
-        callbacks_copy(cb->failure_code, sizeof(cb->failure_code), obj, "failure_code", false) <
-            0 ||
-        callbacks_copy(cb->failure_message, sizeof(cb->failure_message), obj, "failure_message",
-                       false) < 0)
+        callbacks_copy(cb->type, sizeof(cb->type), root, "type", true) < 0)
         goto out;
-    json_t *amount = json_object_get(obj, "amount_captured");
-    if (json_is_integer(amount) && json_integer_value(amount) > 0)
-        snprintf(cb->amount, sizeof(cb->amount), "%lld", (long long)json_integer_value(amount));
-    /* Our attempt's key, when the gateway echoes it (metadata, or its own field). */
-    const char *key =
-        json_string_value(json_object_get(json_object_get(obj, "metadata"), "paymentd_attempt"));
-    if (!key)
-        key = json_string_value(json_object_get(obj, "idempotency_key"));
-    if (key && strlen(key) < sizeof(cb->key))
-        snprintf(cb->key, sizeof(cb->key), "%s", key);
-    const char *status = json_string_value(json_object_get(obj, "status"));
-    if (strcmp(cb->type, "charge.succeeded") == 0) {
-        /* Captured, or only authorized (manual capture). */
-        bool authorized_only = json_is_false(json_object_get(obj, "captured")) ||
-                               (status && strcmp(status, "requires_capture") == 0);
-        cb->state = authorized_only ? "requires_capture" : "succeeded";
-    } else if (strcmp(cb->type, "charge.captured") == 0) {
-        cb->state = "succeeded";
-    } else if (strcmp(cb->type, "charge.failed") == 0) {
-        cb->state = "failed";
+    if (strcmp(cb->type, "charge.refunded") == 0) {
+        json_t *list = json_object_get(obj, "refunds");
+        if (json_is_object(list))
+            list = json_object_get(list, "data");
+        size_t i;
+        json_t *v;
+        json_array_foreach(list, i, v)
+        {
+            if (cb->n_items == CALLBACK_MAX_ITEMS)
+                break;
+            if (callbacks_item(&cb->items[cb->n_items], v, cb->type) < 0)
+                goto out;
+            if (cb->items[cb->n_items].state)
+                cb->n_items++;
+        }
+    } else {
+        if (callbacks_item(&cb->items[0], obj, cb->type) < 0)
+            goto out;
+        cb->n_items = cb->items[0].state ? 1 : 0;
     }
     rc = 0;
 out:
@@ -227,7 +334,7 @@ callbacks_on_limited(struct api_req *r, int retry_after_s)
         callbacks_reject(r, 400, "parameter_invalid", why);
         return;
     }
-    if (!cb->state) { /* a type this service does not act on: counted, acknowledged */
+    if (cb->n_items == 0) { /* nothing this service acts on: counted, acknowledged */
         metric_inc(role_metrics(r->api->ctx), MC_CALLBACKS_IGNORED);
         log_info("gateway callback %s of type %s ignored: not a charge outcome", cb->event_id,
                  cb->type);

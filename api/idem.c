@@ -152,8 +152,13 @@ idem_on_takeover(void *arg, PGresult *res, const char *err)
     r->idem_owner = true;
     request_claimed(r);
     if (!PQgetisnull(res, 0, 0)) {
+        /* The holder made its resource and died: answer with it as it stands. */
         log_info("idempotency key %s: resuming after an interrupted request", r->idem_key);
-        intents_respond_current(r, strtoll(PQgetvalue(res, 0, 0), NULL, 10));
+        int64_t id = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+        if (strncmp(PQgetvalue(res, 0, 1), "refund", 6) == 0)
+            refunds_respond_current(r, id);
+        else
+            intents_respond_current(r, id);
         return;
     }
     r->handler(r);
@@ -209,7 +214,8 @@ idem_on_claim(void *arg, PGresult *res, const char *err)
     pgev_exec(r->api->pg,
               "UPDATE idempotency_keys SET locked_at = now(), locked_by = $2 WHERE id = $1"
               " AND response_code IS NULL AND (locked_at IS NULL OR locked_at < now() - "
-              "interval '" IDEM_LOCK_S_TEXT " seconds' OR locked_by = $3) RETURNING resource_id",
+              "interval '" IDEM_LOCK_S_TEXT " seconds' OR locked_by = $3)"
+              " RETURNING resource_id, recovery_point",
               3, params, idem_on_takeover, r);
 }
 

@@ -57,7 +57,7 @@ intents_unexpected_state(struct api_req *r, const char *action, const char *stat
 
 /* Answers with an intent object: 402 card_error when the last attempt was
  * declined and the intent went back to requires_payment_method. */
-static void
+void
 intents_respond_object(struct api_req *r, const char *obj)
 {
     json_t *o = json_loads(obj, 0, NULL);
@@ -116,10 +116,14 @@ intents_respond_outcome(struct api_req *r, const char *obj)
 {
     json_t *o = json_loads(obj, 0, NULL);
     const char *status = o ? json_string_value(json_object_get(o, "status")) : NULL;
+    const char *kind = o ? json_string_value(json_object_get(o, "object")) : NULL;
     char st[40];
+    bool refund = kind && strcmp(kind, "refund") == 0;
     snprintf(st, sizeof(st), "%s", status ? status : "unknown");
     json_decref(o);
-    if (r->mroute == MR_PI_CAPTURE && strcmp(st, "requires_capture") == 0) {
+    if (refund) {
+        v1_respond(r, 200, obj); /* a refund answers as it stands, pending or final */
+    } else if (r->mroute == MR_PI_CAPTURE && strcmp(st, "requires_capture") == 0) {
         v1_error(r, 400, "invalid_request_error", "capture_refused",
                  "The payment gateway refused to capture this PaymentIntent; its authorization "
                  "stands and can be captured again or canceled.",
@@ -217,7 +221,7 @@ intents_can_send_job(struct api_req *r)
 
 /* Sends the attempt named in row 0 of res to a worker and waits for its
  * answer (or CONFIRM_WAIT_MS, then answers pending_body). */
-static void
+void
 intents_send_job(struct api_req *r, PGresult *res, const char *pending_body)
 {
     size_t n;

@@ -53,6 +53,13 @@ static const struct route v1_routes[] = {
      intents_capture, MR_PI_CAPTURE, false},
     {EVHTTP_REQ_POST, "payment_intents", true, "cancel", "payment_intents.cancel", intents_cancel,
      MR_PI_CANCEL, false},
+    {EVHTTP_REQ_POST, "refunds", false, NULL, "refunds.create", refunds_create, MR_OTHER, false},
+    {EVHTTP_REQ_GET, "refunds", false, NULL, "refunds.list", refunds_list, MR_OTHER, false},
+    {EVHTTP_REQ_GET, "refunds", true, NULL, "refunds.retrieve", refunds_retrieve, MR_OTHER, false},
+    {EVHTTP_REQ_POST, "refunds", true, NULL, "refunds.update", refunds_update, MR_OTHER, false},
+    {EVHTTP_REQ_POST, "refunds", true, "cancel", "refunds.cancel", refunds_cancel, MR_OTHER, false},
+    {EVHTTP_REQ_GET, "charges", false, NULL, "charges.list", charges_list, MR_OTHER, false},
+    {EVHTTP_REQ_GET, "charges", true, NULL, "charges.retrieve", charges_retrieve, MR_OTHER, false},
     {EVHTTP_REQ_POST, "webhook_endpoints", false, NULL, "webhook_endpoints.create", webhooks_create,
      MR_OTHER, false},
     {EVHTTP_REQ_GET, "webhook_endpoints", false, NULL, "webhook_endpoints.list", webhooks_list,
@@ -109,6 +116,17 @@ v1_rows(struct api_req *r, PGresult *res, const char *err)
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
         if (v1_claim_lost(r, res))
             return false;
+        const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+        if (state && strncmp(state, "PD", 2) == 0) {
+            /* The state machine refused a change this code asked for: our
+             * own invariant, not the database's availability. Nothing was
+             * written (the statement failed whole). */
+            log_error("%s: refused by the state machine: %s", r->route, PQresultErrorMessage(res));
+            r->not_executed = true;
+            v1_error(r, 500, "api_error", NULL,
+                     "The payment could not be changed (an internal rule refused it).", NULL);
+            return false;
+        }
         v1_db_error(r, err ? err : PQresultErrorMessage(res));
         return false;
     }

@@ -142,12 +142,23 @@ webhooks_create(struct api_req *r)
     ids_random(id, sizeof(id), "we_", 12);
     ids_random(secret, sizeof(secret), "whsec_", 24);
     snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
-    const char *params[6] = {id, account, url, events, description, secret};
+    char row[24];
+    snprintf(row, sizeof(row), "%lld", (long long)r->idem_row);
+    const char *params[8] = {id,
+                             account,
+                             url,
+                             events,
+                             description,
+                             secret,
+                             r->idem_row ? row : NULL,
+                             r->idem_row ? r->holder : NULL};
+    /* Written only while this request holds its Idempotency-Key's claim. */
     pgev_exec(r->api->pg,
-              "INSERT INTO webhook_endpoints (public_id, account_id, url, enabled_events,"
-              " description, secret) VALUES ($1, $2, $3, $4::text[], $5, $6)"
+              "WITH hold AS (SELECT idempotency_hold($7::bigint, $8))"
+              " INSERT INTO webhook_endpoints (public_id, account_id, url, enabled_events,"
+              " description, secret) SELECT $1, $2, $3, $4::text[], $5, $6 FROM hold"
               " RETURNING " WE_OBJ("webhook_endpoints", "true"),
-              6, params, webhooks_on_object, r);
+              8, params, webhooks_on_object, r);
     free(events);
 }
 
@@ -198,19 +209,28 @@ webhooks_update(struct api_req *r)
         return;
     }
     snprintf(account, sizeof(account), "%lld", (long long)r->account_id);
-    const char *params[6] = {
-        r->id,  account,     url,
-        events, description, has_disabled == 0 ? (disabled ? "disabled" : "enabled") : NULL};
-    /* Re-enabling forgets a failure streak; the deliveries start over. */
+    char row[24];
+    snprintf(row, sizeof(row), "%lld", (long long)r->idem_row);
+    const char *params[8] = {r->id,
+                             account,
+                             url,
+                             events,
+                             description,
+                             has_disabled == 0 ? (disabled ? "disabled" : "enabled") : NULL,
+                             r->idem_row ? row : NULL,
+                             r->idem_row ? r->holder : NULL};
+    /* Re-enabling forgets a failure streak; the deliveries start over. Written
+     * only while this request holds its Idempotency-Key's claim. */
     pgev_exec(r->api->pg,
-              "UPDATE webhook_endpoints w SET url = coalesce($3, url),"
+              "WITH hold AS (SELECT idempotency_hold($7::bigint, $8))"
+              " UPDATE webhook_endpoints w SET url = coalesce($3, url),"
               " enabled_events = coalesce($4::text[], enabled_events),"
               " description = coalesce($5, description), status = coalesce($6, status),"
               " failing_since = CASE WHEN $6 = 'enabled' THEN NULL ELSE failing_since END,"
               " updated_at = now()"
-              " WHERE public_id = $1 AND account_id = $2 AND NOT deleted"
+              " FROM hold WHERE public_id = $1 AND account_id = $2 AND NOT deleted"
               " RETURNING " WE_OBJ("w", "false"),
-              6, params, webhooks_on_object, r);
+              8, params, webhooks_on_object, r);
     free(events);
 }
 

@@ -108,6 +108,10 @@ static const struct counter_desc counter_catalog[MC__COUNT] = {
     [MC_CALLBACKS_REJECTED] = {CALLBACKS, "{result=\"rejected\"}"},
     [MC_AUTH_FAILURES] = {"paymentd_auth_failures_total",
                           "Requests refused for a missing, unknown or invalid credential.", NULL},
+#define REFUNDS "paymentd_refunds_total", "Refunds that reached a final state, by state."
+    [MC_REFUNDS_SUCCEEDED] = {REFUNDS, "{status=\"succeeded\"}"},
+    [MC_REFUNDS_FAILED] = {REFUNDS, "{status=\"failed\"}"},
+    [MC_REFUNDS_CANCELED] = {REFUNDS, "{status=\"canceled\"}"},
 };
 
 void
@@ -210,10 +214,9 @@ pick_hist(const struct shm_metrics *m, int h)
 }
 
 static const struct shm_histogram *
-pick_amount(const struct shm_metrics *m, int unused)
+pick_amount(const struct shm_metrics *m, int refunds)
 {
-    (void)unused;
-    return &m->payment_amount;
+    return refunds ? &m->refund_amount : &m->payment_amount;
 }
 
 static void
@@ -306,6 +309,9 @@ metrics_render_payments(const struct shm_segment *seg, struct evbuffer *out)
     metrics_header(out, "paymentd_payment_amount",
                    "Amounts of succeeded payments, in the currency's minor unit.", "histogram");
     metrics_histogram(seg, out, "paymentd_payment_amount", "", pick_amount, 0, false);
+    metrics_header(out, "paymentd_refund_amount",
+                   "Amounts of succeeded refunds, in the currency's minor unit.", "histogram");
+    metrics_histogram(seg, out, "paymentd_refund_amount", "", pick_amount, 1, false);
     metrics_header(out, "paymentd_gateway_request_duration_seconds",
                    "Duration of one gateway HTTP call.", "histogram");
     metrics_histogram(seg, out, "paymentd_gateway_request_duration_seconds", "provider=\"sim\"",
@@ -343,21 +349,21 @@ metrics_render(const struct shm_segment *seg, const char *version, const char *c
         pending = p > pending ? p : pending; /* every dispatcher sees the same table */
         oldest = o > oldest ? o : oldest;
     }
-    int64_t bad[2] = {0, 0};
+    static const char *const checks[SHM_CONSISTENCY_CHECKS] = {
+        "succeeded_without_transaction", "amount_received_mismatch",
+        "processing_without_one_attempt", "stray_open_charges"};
+    int64_t bad[SHM_CONSISTENCY_CHECKS] = {0};
     for (int i = 0; i < SHM_MAX_SLOTS; i++)
-        for (int k = 0; k < 2; k++) {
+        for (int k = 0; k < SHM_CONSISTENCY_CHECKS; k++) {
             int64_t v =
                 atomic_load_explicit(&seg->slots[i].metrics.inconsistent[k], memory_order_relaxed);
             bad[k] = v > bad[k] ? v : bad[k];
         }
     metrics_header(out, "paymentd_consistency_violations",
                    "Rows failing a consistency check at its last run, by check.", "gauge");
-    evbuffer_add_printf(out,
-                        "paymentd_consistency_violations{check=\"succeeded_without_transaction\"} "
-                        "%" PRId64 "\n"
-                        "paymentd_consistency_violations{check=\"amount_received_mismatch\"} "
-                        "%" PRId64 "\n",
-                        bad[0], bad[1]);
+    for (int k = 0; k < SHM_CONSISTENCY_CHECKS; k++)
+        evbuffer_add_printf(out, "paymentd_consistency_violations{check=\"%s\"} %" PRId64 "\n",
+                            checks[k], bad[k]);
     metrics_header(out, "paymentd_circuit_breaker_state",
                    "Gateway circuit breaker: 0 closed, 1 open, 2 half-open.", "gauge");
     for (int i = 0; i < SHM_MAX_BREAKERS && seg->breakers[i].provider[0]; i++)

@@ -103,9 +103,24 @@ const struct paystate_attempt_transition paystate_attempt_transitions[] = {
     {"refund", "pending", "succeeded"},
     {"refund", "pending", "failed"},
     {"refund", "pending", "canceled"},
+    {"refund_cancel", "pending", "succeeded"},
+    {"refund_cancel", "pending", "failed"},
 };
 const size_t paystate_attempt_transitions_count =
     sizeof(paystate_attempt_transitions) / sizeof(paystate_attempt_transitions[0]);
+
+/* A refund is pending while its gateway refund is outstanding (an answer
+ * to come, or the gateway's refund itself pending), then final. Its
+ * amount is held against the payment's amount_received from creation; a
+ * failed or canceled refund gives it back. */
+const struct paystate_refund_transition paystate_refund_transitions[] = {
+    {"", "create", "pending", "refund.created"},
+    {"pending", "refund.succeeded", "succeeded", "refund.updated"},
+    {"pending", "refund.failed", "failed", "refund.failed"},
+    {"pending", "refund.canceled", "canceled", "refund.updated"},
+};
+const size_t paystate_refund_transitions_count =
+    sizeof(paystate_refund_transitions) / sizeof(paystate_refund_transitions[0]);
 
 const char *
 paystate_next(const char *from, const char *event)

@@ -26,10 +26,21 @@ struct paystate_attempt_transition {
     const char *to;
 };
 
+/* A refund's transition: from its status, an event leads to a status and
+ * writes the refund's event (charge.refunded follows a success too). */
+struct paystate_refund_transition {
+    const char *from; /* "" for creation */
+    const char *event;
+    const char *to;
+    const char *outbox_event;
+};
+
 extern const struct paystate_transition paystate_transitions[];
 extern const size_t paystate_transitions_count;
 extern const struct paystate_attempt_transition paystate_attempt_transitions[];
 extern const size_t paystate_attempt_transitions_count;
+extern const struct paystate_refund_transition paystate_refund_transitions[];
+extern const size_t paystate_refund_transitions_count;
 
 /* The status an event leads to from a status, or NULL when the table has
  * no such transition (the writer must refuse). */

@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 #define SHM_MAGIC          0x50415944u /* "PAYD" */
-#define SHM_LAYOUT_VERSION 11u
+#define SHM_LAYOUT_VERSION 12u
 #define SHM_MAX_SLOTS      72 /* supervisor + 32 api + 32 workers + outbox + exporter + spare */
 
 enum role_kind { ROLE_SUPERVISOR, ROLE_API, ROLE_WORKER, ROLE_OUTBOX, ROLE_EXPORTER, ROLE__COUNT };
@@ -54,6 +54,9 @@ enum metric_counter {
     MC_CALLBACKS_IGNORED,
     MC_CALLBACKS_REJECTED,
     MC_AUTH_FAILURES,
+    MC_REFUNDS_SUCCEEDED,
+    MC_REFUNDS_FAILED,
+    MC_REFUNDS_CANCELED,
     MC__COUNT
 };
 
@@ -91,6 +94,9 @@ enum metric_histogram { MH_PAYMENT_DURATION, MH_GATEWAY_SIM, MH__COUNT };
 
 #define METRIC_BUCKETS 14
 
+/* The sweeps' consistency checks (outbox/sweep.c), each a gauge. */
+#define SHM_CONSISTENCY_CHECKS 4
+
 struct shm_histogram {
     _Atomic uint64_t buckets[METRIC_BUCKETS + 1]; /* last one is +Inf; not cumulative */
     _Atomic uint64_t sum;
@@ -104,10 +110,11 @@ struct shm_metrics {
     _Atomic uint64_t payments[MP__COUNT];
     struct shm_histogram hist[MH__COUNT];
     struct shm_histogram payment_amount; /* minor units */
+    struct shm_histogram refund_amount;  /* minor units, succeeded refunds */
     _Atomic int64_t active_payments;     /* gauge: gateway jobs in flight */
     _Atomic int64_t events_pending;      /* gauge, outbox: unsent events */
     _Atomic int64_t events_oldest_age_s; /* gauge, outbox: age of the oldest unsent event */
-    _Atomic int64_t inconsistent[2];     /* gauges, outbox: consistency check counts */
+    _Atomic int64_t inconsistent[SHM_CONSISTENCY_CHECKS]; /* gauges, outbox: check counts */
 };
 
 struct shm_slot {

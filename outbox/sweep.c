@@ -35,11 +35,13 @@
 #include "outbox.h"
 #include "xmalloc.h"
 
-#define SWEEP_LOCK_ID "7215403902"
+#define SWEEP_LOCK_ID         "7215403902"
+#define SWEEP_SLOW_TIMEOUT_MS 300000
 
 struct sweep {
     struct role_ctx *ctx;
     struct pgev_pool *pg;   /* the sweeps' statements */
+    struct pgev_pool *slow; /* the whole-table checks: a longer statement timeout */
     struct pgev_pool *lock; /* one connection holding the advisory lock */
     nng_socket workers;
     struct event *timer;
@@ -139,15 +141,19 @@ sweep_on_check(void *arg, PGresult *res, const char *err)
     }
     int64_t a = strtoll(PQgetvalue(res, 0, 0), NULL, 10),
             b = strtoll(PQgetvalue(res, 0, 1), NULL, 10),
-            c = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
+            c = strtoll(PQgetvalue(res, 0, 2), NULL, 10),
+            d = strtoll(PQgetvalue(res, 0, 3), NULL, 10);
     struct shm_metrics *m = role_metrics(s->ctx);
     atomic_store_explicit(&m->inconsistent[0], a, memory_order_relaxed);
-    atomic_store_explicit(&m->inconsistent[1], b + c, memory_order_relaxed);
-    if (a || b || c)
+    atomic_store_explicit(&m->inconsistent[1], b, memory_order_relaxed);
+    atomic_store_explicit(&m->inconsistent[2], c, memory_order_relaxed);
+    atomic_store_explicit(&m->inconsistent[3], d, memory_order_relaxed);
+    if (a || b || c || d)
         log_error("consistency check: %lld succeeded intents without a succeeded charge or "
-                  "capture, %lld intents whose amount_received differs from what their attempts "
-                  "captured, %lld processing payments without exactly one pending attempt",
-                  (long long)a, (long long)b, (long long)c);
+                  "capture, %lld intents whose amounts differ from what their attempts "
+                  "captured and refunded, %lld processing payments without exactly one pending "
+                  "attempt, %lld charges open at the gateway that no payment waits on",
+                  (long long)a, (long long)b, (long long)c, (long long)d);
     else
         log_info("consistency check: no violations");
 }
@@ -160,12 +166,12 @@ sweep_run(struct sweep *s)
               "WITH due AS (UPDATE payment_transactions a SET lease_until = now() +"
               "  $1::bigint * interval '1 millisecond' FROM"
               "  (SELECT id FROM payment_transactions WHERE status = 'pending'"
-              "   AND type <> 'refund' AND lease_until < now()"
+              "   AND lease_until < now()"
               "   ORDER BY lease_until LIMIT 100 FOR UPDATE SKIP LOCKED) d"
               "  WHERE a.id = d.id RETURNING a.id)"
               " SELECT j.public_id, j.* FROM due JOIN attempt_jobs j ON j.attempt_id = due.id",
               1, params, sweep_on_stuck, s);
-    pgev_exec(s->pg, "SELECT r.public_id, j.* FROM pi_expire(500, $1::bigint) r" JOBS_JOIN, 1,
+    pgev_exec(s->pg, "SELECT r.public_id, j.* FROM pi_expire(100, $1::bigint) r" JOBS_JOIN, 1,
               params, sweep_on_expired, s);
     pgev_exec(s->pg,
               "WITH keys AS (DELETE FROM idempotency_keys WHERE id IN (SELECT id FROM"
@@ -181,7 +187,7 @@ sweep_run(struct sweep *s)
     if (s->last_check_mono && now - s->last_check_mono < s->ctx->cfg.consistency_interval_ms)
         return;
     s->last_check_mono = now;
-    pgev_exec(s->pg,
+    pgev_exec(s->slow,
               "SELECT (SELECT count(*) FROM payment_intents p WHERE p.status = 'succeeded'"
               "  AND NOT EXISTS (SELECT 1 FROM payment_transactions t WHERE"
               "  t.payment_intent_id = p.id AND t.status = 'succeeded'"
@@ -189,10 +195,19 @@ sweep_run(struct sweep *s)
               " (SELECT count(*) FROM payment_intents p WHERE p.amount_received <>"
               "  coalesce((SELECT sum(t.amount_captured) FROM payment_transactions t WHERE"
               "  t.payment_intent_id = p.id AND t.status = 'succeeded'"
-              "  AND t.type IN ('charge', 'capture')), 0)),"
+              "  AND t.type IN ('charge', 'capture')), 0)"
+              "  OR p.amount_refunded <> coalesce((SELECT sum(r.amount) FROM refunds r"
+              "   WHERE r.payment_intent_id = p.id AND r.status = 'succeeded'), 0)"
+              "  OR p.amount_refund_pending <> coalesce((SELECT sum(r.amount) FROM refunds r"
+              "   WHERE r.payment_intent_id = p.id AND r.status = 'pending'), 0)),"
               " (SELECT count(*) FROM payment_intents p WHERE p.status = 'processing'"
-              "  AND (SELECT count(*) FROM payment_transactions t WHERE"
-              "  t.payment_intent_id = p.id AND t.status = 'pending' AND t.type <> 'refund') <> 1)",
+              "  AND (SELECT count(*) FROM payment_transactions t WHERE t.payment_intent_id = p.id"
+              "  AND t.status = 'pending' AND t.type NOT IN ('refund', 'refund_cancel')) <> 1),"
+              " (SELECT count(*) FROM payment_transactions t JOIN payment_intents p"
+              "  ON p.id = t.payment_intent_id WHERE t.type IN ('charge', 'authorization')"
+              "  AND t.status IN ('requires_action', 'requires_capture')"
+              "  AND (p.status NOT IN ('requires_action', 'requires_capture', 'processing')"
+              "   OR t.id <> (attempt_open_charge(p.id)).id))",
               0, NULL, sweep_on_check, s);
 }
 
@@ -247,6 +262,11 @@ sweep_start(struct role_ctx *ctx, struct pgev_pool *pg)
     int rv;
     s->ctx = ctx;
     s->pg = pg;
+    /* The consistency checks read whole tables: they get minutes, not the
+     * DB_STATEMENT_TIMEOUT_MS that bounds everything on the money path. */
+    struct config slow_cfg = *cfg;
+    slow_cfg.db_statement_timeout_ms = SWEEP_SLOW_TIMEOUT_MS;
+    s->slow = pgev_pool_new(ctx->base, &slow_cfg, 1);
     s->lock = pgev_pool_new(ctx->base, cfg, 1);
     pgev_pool_on_connect(s->lock, "SELECT 1", sweep_on_connect, s);
     snprintf(s->lease, sizeof(s->lease), "%lld", (long long)cfg->processing_lease_ms);
@@ -271,5 +291,6 @@ sweep_stop(struct sweep *s)
     event_free(s->timer);
     nng_close(s->workers);
     pgev_pool_free(s->lock);
+    pgev_pool_free(s->slow);
     free(s);
 }

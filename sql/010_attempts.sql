@@ -54,7 +54,8 @@ ALTER TABLE payment_transactions
 -- the attempts' meaning. A 'cancel' is a void; an authorization that
 -- 'succeeded' was authorized (held while its payment still waits for
 -- capture); a charge or capture that succeeded captured its amount; a
--- 3-D Secure row is open only for the payment still waiting on it.
+-- 3-D Secure row stays open: the gateway may still complete it (a callback
+-- for it is then recorded on it, and the consistency check counts it).
 UPDATE payment_transactions SET type = 'void' WHERE type = 'cancel';
 UPDATE payment_transactions t SET type = 'charge'
     FROM payment_intents p
@@ -68,12 +69,6 @@ UPDATE payment_transactions t SET status = CASE p.status
     WHERE p.id = t.payment_intent_id AND t.type = 'authorization' AND t.status = 'succeeded';
 UPDATE payment_transactions SET amount_captured = amount
     WHERE type IN ('charge', 'capture') AND status = 'succeeded';
-UPDATE payment_transactions t SET status = 'failed',
-        failure_message = 'superseded before gateway attempts were tracked'
-    FROM payment_intents p
-    WHERE p.id = t.payment_intent_id AND t.status = 'requires_action'
-      AND (p.status <> 'requires_action' OR t.id <> (SELECT max(x.id) FROM payment_transactions x
-           WHERE x.payment_intent_id = p.id AND x.status = 'requires_action'));
 -- A payment in processing had a job out under the key the old worker used.
 INSERT INTO payment_transactions (transaction_id, payment_intent_id, type, status, amount, currency,
         gateway_provider, idempotency_key, payment_method, lease_until)
@@ -103,7 +98,8 @@ DROP INDEX payment_intents_expiring;
 CREATE INDEX payment_intents_expiring ON payment_intents (expires_at)
     WHERE status IN ('requires_payment_method', 'requires_confirmation', 'requires_action',
                      'requires_capture');
-UPDATE payment_intents SET expires_at = coalesce(updated_at, now()) + interval '7 days'
+-- Authorizations made before never expired: they get their 7 days from now.
+UPDATE payment_intents SET expires_at = now() + interval '7 days'
     WHERE status = 'requires_capture';
 
 -- ---- the state machine, enforced ----
@@ -128,8 +124,12 @@ BEGIN
     IF t.outbox_event IS NOT NULL THEN
         PERFORM outbox_event(p.account_id, t.outbox_event, payment_intent_object(p), p.public_id);
     END IF;
+    -- One outcome per order: the first (a decline, then a cancel, is one failure).
     IF p.order_id IS NOT NULL AND p_from <> ''
-       AND (p.status IN ('succeeded', 'canceled') OR t.event = 'charge.failed') THEN
+       AND (p.status IN ('succeeded', 'canceled') OR t.event = 'charge.failed')
+       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate_id = p.public_id
+                       AND o.aggregate_type = 'order'
+                       AND o.type IN ('PaymentCompleted', 'PaymentFailed')) THEN
         PERFORM saga_outcome_event(p, payment_paid_by(p.id),
                                    coalesce(p.last_payment_error ->> 'message',
                                             p.cancellation_reason));
@@ -214,6 +214,12 @@ END
 $$;
 CREATE TRIGGER payment_transactions_transition BEFORE INSERT OR UPDATE ON payment_transactions
     FOR EACH ROW EXECUTE FUNCTION payment_transactions_transition();
+
+CREATE FUNCTION attempt_allowed(p_type text, p_from text, p_to text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT p_from = p_to OR EXISTS (SELECT 1 FROM attempt_transitions
+        WHERE type = p_type AND from_status = p_from AND to_status = p_to)
+$$;
 
 -- ---- idempotency claims are fenced ----
 
@@ -520,7 +526,8 @@ $$;
 -- requires_capture, succeeded, failed, or rejected = refused, never
 -- charged) applied to the charge attempt and to its payment.
 CREATE FUNCTION attempt_settle_charge(p payment_intents, a payment_transactions, p_state text,
-    p_gateway_id text, p_amount bigint, p_code text, p_decline text, p_message text) RETURNS void
+    p_gateway_id text, p_amount bigint, p_code text, p_decline text, p_message text)
+RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
     st text := CASE WHEN p_state IN ('rejected', 'canceled') THEN 'failed' ELSE p_state END;
@@ -532,9 +539,14 @@ BEGIN
                   WHEN 'requires_capture' THEN 'charge.authorized'
                   WHEN 'succeeded' THEN 'charge.captured'
                   WHEN 'failed' THEN 'charge.failed' END;
-    IF ev IS NULL OR (st = 'requires_capture' AND a.type = 'charge') THEN
-        RAISE EXCEPTION 'attempt %: gateway state % makes no sense for a %', a.transaction_id,
-            p_state, a.type USING ERRCODE = 'PD005';
+    IF ev IS NULL OR NOT attempt_allowed(a.type, a.status, st)
+       OR payment_next(p.status, ev) IS NULL THEN
+        -- Not a move the tables know (an automatic charge only authorized,
+        -- an authorization captured without a capture): the gateway's word
+        -- is kept in the log and nothing changes.
+        RAISE WARNING 'attempt % (%): gateway state % not applied (attempt %, payment %)',
+            a.transaction_id, a.type, p_state, a.status, p.status;
+        RETURN false;
     END IF;
     IF st = 'succeeded' THEN
         amt := coalesce(nullif(p_amount, 0), nullif(a.amount_captured, 0), a.amount);
@@ -566,7 +578,11 @@ BEGIN
         last_payment_error = lpe,
         next_action = CASE WHEN st = 'requires_action' THEN
             '{"type":"use_stripe_sdk","use_stripe_sdk":{"type":"three_d_secure_redirect"}}'::jsonb END,
-        payment_method = CASE WHEN st = 'failed' THEN NULL ELSE payment_method END,
+        -- The charge that stands says how it was paid (a re-confirm may have
+        -- named another method before its void found this one completed).
+        payment_method = CASE WHEN st = 'failed' THEN NULL
+                              ELSE coalesce(a.payment_method, payment_method) END,
+        capture_method = CASE a.type WHEN 'authorization' THEN 'manual' ELSE 'automatic' END,
         latest_charge = coalesce(nullif(p_gateway_id, ''), a.gateway_transaction_id, latest_charge),
         gateway_intent_id = coalesce(gateway_intent_id, nullif(p_gateway_id, '')),
         gateway_provider = a.gateway_provider,
@@ -574,6 +590,7 @@ BEGIN
                           ELSE expires_at END,
         version = version + 1, updated_at = now()
     WHERE id = p.id;
+    RETURN true;
 END
 $$;
 
@@ -617,9 +634,8 @@ BEGIN
             UPDATE payment_transactions SET gateway_transaction_id =
                 coalesce(nullif(p_gateway_id, ''), gateway_transaction_id) WHERE id = a.id;
         ELSE
-            PERFORM attempt_settle_charge(p, a, p_state, p_gateway_id, p_amount, p_code, p_decline,
-                                          p_message);
-            applied := true;
+            applied := attempt_settle_charge(p, a, p_state, p_gateway_id, p_amount, p_code,
+                                             p_decline, p_message);
         END IF;
 
     ELSIF a.type IN ('charge', 'authorization') AND a.status IN ('requires_action', 'requires_capture')
@@ -642,10 +658,21 @@ BEGIN
                 WHERE id = a.id;
                 applied := true;
             END IF;
-        ELSIF NOT FOUND AND p.status = 'requires_action' AND a.status = 'requires_action' THEN
-            PERFORM attempt_settle_charge(p, a, p_state, p_gateway_id, p_amount, p_code, p_decline,
-                                          p_message);
-            applied := true;
+        ELSIF NOT FOUND AND p.status = 'requires_action' AND a.status = 'requires_action'
+              AND a.id = (attempt_open_charge(p.id)).id THEN
+            applied := attempt_settle_charge(p, a, p_state, p_gateway_id, p_amount, p_code,
+                                             p_decline, p_message);
+        ELSIF attempt_allowed(a.type, a.status, p_state) THEN
+            -- A charge the payment no longer waits on (one abandoned before
+            -- attempts were tracked) moved at the gateway: the charge keeps
+            -- the gateway's word; the payment does not change, and the
+            -- consistency check counts it (money taken or held outside it).
+            UPDATE payment_transactions SET status = p_state,
+                amount_captured = CASE WHEN p_state = 'succeeded'
+                    THEN coalesce(nullif(p_amount, 0), amount) ELSE 0 END
+            WHERE id = a.id;
+            RAISE WARNING 'attempt %: stray charge % at the gateway for payment % (%)',
+                a.transaction_id, p_state, p.public_id, p.status;
         END IF;
 
     ELSIF a.type = 'capture' AND a.status = 'pending' AND p_state <> 'pending' THEN
@@ -716,6 +743,13 @@ BEGIN
             PERFORM attempt_settle_charge(p, c, p_state, c.gateway_transaction_id,
                                           coalesce(nullif(p_amount, 0), nullif(c.amount_captured, 0)),
                                           NULL, NULL, NULL);
+            -- An expiry whose void found the charge still open tries again
+            -- later, not at every sweep.
+            IF a.purpose = 'expire' THEN
+                UPDATE payment_intents SET expires_at = now() + interval '1 hour'
+                    WHERE id = p.id AND payment_intents.status IN ('requires_action',
+                                                                    'requires_capture');
+            END IF;
         END IF;
         applied := true;
     END IF;
@@ -742,12 +776,14 @@ DECLARE
     pid bigint;
     r record;
 BEGIN
+    -- A refund's callback names the refund; the others the charge.
     SELECT id, payment_intent_id INTO a_id, pid FROM payment_transactions
         WHERE gateway_provider = p_provider AND gateway_transaction_id = p_charge
-          AND type IN ('charge', 'authorization') LIMIT 1;
+          AND (type IN ('charge', 'authorization')) = (p_type NOT LIKE 'refund.%') LIMIT 1;
     IF a_id IS NULL AND nullif(p_key, '') IS NOT NULL THEN
         SELECT id, payment_intent_id INTO a_id, pid FROM payment_transactions
-            WHERE idempotency_key = p_key AND type IN ('charge', 'authorization');
+            WHERE idempotency_key = p_key
+              AND (type IN ('charge', 'authorization')) = (p_type NOT LIKE 'refund.%');
     END IF;
     IF a_id IS NULL THEN
         result := 'unknown';

@@ -87,8 +87,18 @@ ctl_sync_transitions(PGconn *pg)
     if (ctl_exec(pg, "BEGIN") < 0)
         return -1;
     if (ctl_exec(pg, "DELETE FROM payment_transitions") < 0 ||
-        ctl_exec(pg, "DELETE FROM attempt_transitions") < 0)
+        ctl_exec(pg, "DELETE FROM attempt_transitions") < 0 ||
+        ctl_exec(pg, "DELETE FROM refund_transitions") < 0)
         goto fail;
+    for (size_t i = 0; i < paystate_refund_transitions_count; i++) {
+        const struct paystate_refund_transition *t = &paystate_refund_transitions[i];
+        const char *params[4] = {t->from, t->event, t->to, t->outbox_event};
+        if (ctl_insert(pg,
+                       "INSERT INTO refund_transitions (from_status, event, to_status,"
+                       " outbox_event) VALUES ($1, $2, $3, $4)",
+                       4, params) < 0)
+            goto fail;
+    }
     for (size_t i = 0; i < paystate_transitions_count; i++) {
         const struct paystate_transition *t = &paystate_transitions[i];
         const char *params[4] = {t->from, t->event, t->to, t->outbox_event};

@@ -1,40 +1,58 @@
 /*
  * gatewaysim - the project's payment gateway simulator, an HTTP server that
  * tests and users start on any port. It behaves like a real card gateway:
- * every charge has a status, a record of what was held, captured and
- * refunded, and a list of the operations done to it; late outcomes come as
- * signed callbacks that may arrive late, out of order or twice.
+ * every charge and every refund has a status, a charge keeps a record of what
+ * was held, captured and refunded, and a list of the operations done to it
+ * (its refunds' too); late outcomes come as signed callbacks that may arrive
+ * late, out of order or twice.
  *
  * Offers main(). Endpoints (JSON bodies, Idempotency-Key honoured on every
  * POST: a repeat gets the first answer, status code and body, and never
- * charges twice; the same key with other parameters gets 400):
+ * charges or refunds twice; the same key with other parameters gets 400):
  *   POST /v1/charges {amount, currency, payment_method, capture, metadata?}
  *   POST /v1/charges/:id/capture {amount?}    only from requires_capture
  *   POST /v1/charges/:id/cancel               only from requires_capture or requires_action
- *   POST /v1/refunds {charge, amount?}        GET /v1/charges/:id (the charge now)
+ *   POST /v1/refunds {charge, amount?, metadata?}  of a captured charge, at most what is left
+ *   POST /v1/refunds/:id/cancel               only from pending
+ *   GET  /v1/charges/:id, /v1/refunds/:id     the charge or refund now
  *   GET  /v1/charges?idempotency_key=K        the charge that K's request created or acted
  *                                             on, as it is now (for recovery)
+ *   GET  /v1/refunds?idempotency_key=K        the refund that K's request created or
+ *                                             canceled, as it is now
  *   GET  /v1/ledger                           {charges: how many, data: every charge}
  *   POST /_config {latency_ms, fail_rate, reset_rate, timeout_rate, rate_limit_rate,
- *                  callback_jitter_ms, callback_duplicate_rate,
- *                  refuse_ms: refuse connections for that long}
- *   POST /_reset                              forget every charge and pending callback
- * A refused capture or cancel is 400 {error: {message, code: charge_not_capturable |
- * charge_not_cancelable}, charge: <the charge now>}.
- * Statuses: requires_action (3-D Secure) -> succeeded | requires_capture | failed,
- * requires_capture -> succeeded | pending (async capture) | canceled, pending -> succeeded;
- * the table sim_moves is the only place that says so.
+ *                  callback_jitter_ms, callback_duplicate_rate, refund_fail_rate,
+ *                  async_refund: bool, refuse_ms: refuse connections for that long}
+ *   POST /_reset                              forget every charge, refund and pending callback
+ * A refused capture, cancel or refund is 400 {error: {message, code: charge_not_capturable |
+ * charge_not_cancelable | charge_not_refundable | charge_already_refunded | amount_too_large |
+ * parameter_invalid_integer}, charge: <the charge now>}; a refused refund cancel is 400
+ * {error: {message, code: refund_not_cancelable}, refund: <the refund now>}.
+ * Charge statuses: requires_action (3-D Secure) -> succeeded | requires_capture | failed,
+ * requires_capture -> succeeded | pending (async capture) | canceled, pending -> succeeded.
+ * Refund statuses: (new) -> succeeded | failed | pending (async refund), pending -> succeeded |
+ * failed | canceled. A charge may be refunded while succeeded and captured, up to
+ * amount_captured - amount_refunded - its pending refunds; a failed or canceled refund
+ * holds nothing. The tables sim_charge_moves and sim_refund_moves are the only place that
+ * says so. A charge carries its refunds (every status) and refunded (all it captured is
+ * refunded); each refund's steps are in the charge's operations as refund, refund_settle
+ * and refund_cancel.
  * With --key, every /v1 call but the ledger needs "Authorization: Bearer KEY" (401 otherwise).
  * With --callback-url and --callback-secret, a charge that needs the customer's action settles
  * --callback-delay-ms later (500 by default) if it still needs it, and a signed callback
  * (Gateway-Signature: t=...,v1=HMAC-SHA256(secret, t "." body)) tells the outcome:
  * charge.succeeded (captured, or only authorized when capture was false) or charge.failed.
  * With --async-capture as well, a capture answers "pending" and settles the same way later
- * (charge.captured). Each callback waits a further random 0..--callback-jitter-ms, a share
- * (--callback-duplicate-rate) is sent twice with the same event id, and each is retried every
- * second until it gets a 2xx (--callback-tries, 30 by default). The event is built from the
- * charge when first sent; a charge that moved on before then gets none. Without callbacks a
- * charge that needs action keeps needing it until it is canceled.
+ * (charge.captured). With --async-refund (callbacks or not) a refund answers "pending" and
+ * settles --callback-delay-ms later, if still pending, to succeeded (charge.refunded with the
+ * charge, and refund.updated with the refund) or failed (refund.updated). A share of refunds
+ * (--refund-fail-rate) and those whose metadata has "fail": "true" fail with failure_reason
+ * "declined", at once or when they settle. Each callback waits a further random
+ * 0..--callback-jitter-ms, a share (--callback-duplicate-rate) is sent twice with the same
+ * event id, and each is retried every second until it gets a 2xx (--callback-tries, 30 by
+ * default). The event is built from its object when first sent; a charge that moved on
+ * before then gets none. Without callbacks a charge that needs action keeps needing it until
+ * it is canceled.
  * Test payment methods use Stripe's names: pm_card_visa and other cards succeed,
  * pm_card_chargeDeclined and pm_card_insufficientFunds decline, pm_card_authenticationRequired
  * and pm_card_threeDSecureRequired need action, and
@@ -43,7 +61,8 @@
  * share of 503 answers sent before processing (marked "processed": false), 429 answers with
  * Retry-After: 1, and resets and timeouts after the operation was done (the ambiguous cases;
  * a swallowed answer's connection closes when the client hangs up, or after 10 minutes).
- * A bad flag exits with 2; a bad request gets a 4xx. Calls libevent, jansson, crypto, ids, net.
+ * A bad flag exits with 2; a bad request gets a 4xx; a move outside the tables aborts.
+ * Calls libevent, jansson, crypto, ids, net.
  */
 #include <errno.h>
 #include <event2/buffer.h>
@@ -82,10 +101,12 @@ struct callback;
 struct sim {
     struct event_base *base;
     json_t *charges; /* id -> charge */
-    json_t *by_key;  /* idempotency key -> {hash, code, body, charge: id or null} */
+    json_t *refunds; /* id -> refund, the same object as in its charge's refunds list */
+    json_t *by_key;  /* idempotency key -> {hash, code, body, charge: id?, refund: id?} */
     json_t *ordered; /* charge ids in creation order */
     long latency_ms;
     long fail_rate, reset_rate, timeout_rate, rate_limit_rate; /* percent */
+    long refund_fail_rate; /* percent of refunds that fail (declined) */
     long long charges_made;
     struct evhttp *http;
     struct evhttp_bound_socket *listener; /* NULL while refusing connections */
@@ -100,6 +121,7 @@ struct sim {
     long callback_duplicate_rate;    /* --callback-duplicate-rate: percent sent twice */
     long callback_tries;             /* --callback-tries: sends before giving up */
     bool async_capture;              /* --async-capture: captures settle later, by callback */
+    bool async_refund;               /* --async-refund: refunds pend, settle later */
     const char *key;     /* --key: the Bearer token every /v1 call but the ledger must carry */
     unsigned generation; /* bumped by /_reset: older callbacks are dropped */
     LIST_HEAD(, pending) pendings;
@@ -330,18 +352,30 @@ sim_body(struct evhttp_request *req)
     return o;
 }
 
-/* ---- the charge state machine ---- */
+/* ---- the state machines: charges and refunds ---- */
 
-enum op { OP_CREATE, OP_CAPTURE, OP_CANCEL, OP_REFUND, OP_SETTLE };
+enum op {
+    OP_CREATE,
+    OP_CAPTURE,
+    OP_CANCEL,
+    OP_REFUND,
+    OP_SETTLE,
+    OP_REFUND_SETTLE,
+    OP_REFUND_CANCEL,
+};
 
-static const char *const sim_op_names[] = {"create", "capture", "cancel", "refund", "settle"};
+static const char *const sim_op_names[] = {"create", "capture",       "cancel",       "refund",
+                                           "settle", "refund_settle", "refund_cancel"};
 
-/* Every status change a charge may make, and by which operation. A new
- * charge has no status yet (from NULL). Refunds keep a charge succeeded. */
-static const struct move {
+struct move {
     enum op op;
     const char *from, *to;
-} sim_moves[] = {
+};
+
+/* Every status change a charge may make, and by which operation. A new
+ * charge has no status yet (from NULL). A refund may be made only of a
+ * succeeded charge, which it keeps succeeded. */
+static const struct move sim_charge_moves[] = {
     {OP_CREATE, NULL, "succeeded"},
     {OP_CREATE, NULL, "requires_capture"},
     {OP_CREATE, NULL, "requires_action"},
@@ -357,42 +391,144 @@ static const struct move {
     {OP_REFUND, "succeeded", "succeeded"},
 };
 
+/* Every status change a refund may make. Only a pending refund (async)
+ * still moves; succeeded, failed and canceled are final. */
+static const struct move sim_refund_moves[] = {
+    {OP_REFUND, NULL, "succeeded"},
+    {OP_REFUND, NULL, "failed"},
+    {OP_REFUND, NULL, "pending"},
+    {OP_REFUND_SETTLE, "pending", "succeeded"},
+    {OP_REFUND_SETTLE, "pending", "failed"},
+    {OP_REFUND_CANCEL, "pending", "canceled"},
+};
+
+struct machine {
+    const char *what;
+    const struct move *moves;
+    size_t n;
+};
+
+static const struct machine sim_charge_machine = {
+    "charge", sim_charge_moves, sizeof(sim_charge_moves) / sizeof(sim_charge_moves[0])};
+static const struct machine sim_refund_machine = {
+    "refund", sim_refund_moves, sizeof(sim_refund_moves) / sizeof(sim_refund_moves[0])};
+
 static bool
 sim_same(const char *a, const char *b)
 {
     return a == b || (a && b && strcmp(a, b) == 0);
 }
 
-/* True when op may be applied to a charge in status from. */
+/* True when m lets op move an object from status from to status to (to
+ * NULL: to any status). */
 static bool
-sim_can(enum op op, const char *from)
+sim_allows(const struct machine *m, enum op op, const char *from, const char *to)
 {
-    for (size_t i = 0; i < sizeof(sim_moves) / sizeof(sim_moves[0]); i++)
-        if (sim_moves[i].op == op && sim_same(sim_moves[i].from, from))
+    for (size_t i = 0; i < m->n; i++)
+        if (m->moves[i].op == op && sim_same(m->moves[i].from, from) &&
+            (!to || strcmp(m->moves[i].to, to) == 0))
             return true;
     return false;
 }
 
-/* Moves the charge to status to and records the operation. Callers check
- * sim_can() first, so a move outside the table is our own bug. */
+/* Callers check sim_can() or sim_refund_can() first, so a move outside the
+ * table is our own bug. */
+static void
+sim_check_move(const struct machine *m, enum op op, const char *from, const char *to)
+{
+    if (sim_allows(m, op, from, to))
+        return;
+    fprintf(stderr, "gatewaysim: %s cannot move a %s from %s to %s\n", sim_op_names[op], m->what,
+            from ? from : "(new)", to);
+    abort();
+}
+
+/* True when op may be applied to a charge in status from. */
+static bool
+sim_can(enum op op, const char *from)
+{
+    return sim_allows(&sim_charge_machine, op, from, NULL);
+}
+
+static bool
+sim_refund_can(enum op op, const char *from)
+{
+    return sim_allows(&sim_refund_machine, op, from, NULL);
+}
+
+static void
+sim_record(json_t *ch, enum op op, const char *key, json_int_t amount, const char *status,
+           const char *refund_id)
+{
+    json_t *rec = json_pack("{s:s,s:o,s:I,s:s,s:I}", "op", sim_op_names[op], "key",
+                            key ? json_string(key) : json_null(), "amount", amount, "status",
+                            status, "at_ms", sim_now_ms());
+    if (refund_id)
+        json_object_set_new(rec, "refund", json_string(refund_id));
+    json_array_append_new(json_object_get(ch, "operations"), rec);
+}
+
+/* Moves the charge to status to and records the operation. */
 static void
 sim_move(json_t *ch, enum op op, const char *to, const char *key, json_int_t amount)
 {
-    const char *from = sim_str(ch, "status");
-    bool known = false;
-    for (size_t i = 0; i < sizeof(sim_moves) / sizeof(sim_moves[0]) && !known; i++)
-        known = sim_moves[i].op == op && sim_same(sim_moves[i].from, from) &&
-                strcmp(sim_moves[i].to, to) == 0;
-    if (!known) {
-        fprintf(stderr, "gatewaysim: %s cannot move a charge from %s to %s\n", sim_op_names[op],
-                from ? from : "(new)", to);
+    sim_check_move(&sim_charge_machine, op, sim_str(ch, "status"), to);
+    json_object_set_new(ch, "status", json_string(to));
+    sim_record(ch, op, key, amount, to, NULL);
+}
+
+/* The sum of the amounts of the charge's refunds in status status. */
+static json_int_t
+sim_refunds_in(json_t *ch, const char *status)
+{
+    json_int_t sum = 0;
+    size_t i;
+    json_t *re;
+    json_array_foreach(json_object_get(ch, "refunds"), i, re)
+    {
+        if (sim_same(sim_str(re, "status"), status))
+            sum += sim_int(re, "amount");
+    }
+    return sum;
+}
+
+/* What may still be refunded: a pending refund holds its amount until it
+ * settles or is canceled. */
+static json_int_t
+sim_refundable(json_t *ch)
+{
+    return sim_int(ch, "amount_captured") - sim_int(ch, "amount_refunded") -
+           sim_refunds_in(ch, "pending");
+}
+
+/* Moves a refund of the charge ch to status to and records the operation
+ * in the charge. amount_refunded is the sum of the succeeded refunds, and
+ * never more than was captured once pending ones are counted too. */
+static void
+sim_refund_move(json_t *ch, json_t *re, enum op op, const char *to, const char *key)
+{
+    sim_check_move(&sim_refund_machine, op, sim_str(re, "status"), to);
+    json_object_set_new(re, "status", json_string(to));
+    if (strcmp(to, "failed") == 0)
+        json_object_set_new(re, "failure_reason", json_string("declined"));
+    json_int_t captured = sim_int(ch, "amount_captured");
+    json_int_t refunded = sim_refunds_in(ch, "succeeded");
+    json_object_set_new(ch, "amount_refunded", json_integer(refunded));
+    json_object_set_new(ch, "refunded", json_boolean(captured > 0 && refunded == captured));
+    if (sim_refundable(ch) < 0) {
+        fprintf(stderr, "gatewaysim: charge %s refunds more than it captured\n", sim_str(ch, "id"));
         abort();
     }
-    json_object_set_new(ch, "status", json_string(to));
-    json_array_append_new(json_object_get(ch, "operations"),
-                          json_pack("{s:s,s:o,s:I,s:s,s:I}", "op", sim_op_names[op], "key",
-                                    key ? json_string(key) : json_null(), "amount", amount,
-                                    "status", to, "at_ms", sim_now_ms()));
+    sim_record(ch, op, key, sim_int(re, "amount"), to, sim_str(re, "id"));
+}
+
+/* A refund fails when its metadata asks for it ("fail": "true", so that a
+ * test can be sure) or by the configured share. */
+static bool
+sim_refund_fails(json_t *re)
+{
+    return sim_same(sim_str(json_object_get(re, "metadata"), "fail"), "true") ||
+           sim_roll(sim.refund_fail_rate);
 }
 
 /* Test payment methods; any other name is a card that pays. */
@@ -449,11 +585,23 @@ sim_decide(json_t *ch, enum op op, const char *key)
 
 /* ---- callbacks: outcomes that come after the answer ---- */
 
+/* What a callback or a settlement is about. */
+enum kind { KIND_CHARGE, KIND_REFUND };
+
+/* The charge or refund id names now; NULL when there is none (any more). */
+static json_t *
+sim_object(enum kind kind, const char *id)
+{
+    return json_object_get(kind == KIND_REFUND ? sim.refunds : sim.charges, id);
+}
+
 /* One delivery of one event. The body is built when it is first sent and
  * then resent unchanged (a retry or a duplicate is the same event). */
 struct callback {
-    char *charge_id;
-    const char *type; /* charge.succeeded, charge.failed or charge.captured */
+    enum kind kind; /* what data.object is */
+    char *object_id;
+    const char *type; /* charge.succeeded, charge.failed, charge.captured, charge.refunded or
+                         refund.updated */
     char *expect;     /* the status the settlement left; another one at first send: nothing */
     char *body;       /* NULL until first sent */
     long tries;
@@ -479,20 +627,21 @@ sim_callback_free(struct callback *cb)
     event_free(cb->timer);
     if (cb->conn)
         evhttp_connection_free(cb->conn);
-    free(cb->charge_id);
+    free(cb->object_id);
     free(cb->expect);
     free(cb->body);
     free(cb);
 }
 
 static void
-sim_callback_new(const char *charge_id, const char *type, const char *expect, const char *body,
-                 long delay_ms)
+sim_callback_new(enum kind kind, const char *object_id, const char *type, const char *expect,
+                 const char *body, long delay_ms)
 {
     struct callback *cb = xcalloc(1, sizeof(*cb));
-    cb->charge_id = xstrdup(charge_id);
+    cb->kind = kind;
+    cb->object_id = xstrdup(object_id);
     cb->type = type;
-    cb->expect = xstrdup(expect); /* the charge's own string changes with its status */
+    cb->expect = xstrdup(expect); /* the object's own string changes with its status */
     cb->body = body ? xstrdup(body) : NULL;
     cb->generation = sim.generation;
     cb->timer = evtimer_new(sim.base, sim_on_callback_timer, cb);
@@ -512,7 +661,7 @@ sim_on_callback_answer(struct evhttp_request *req, void *arg)
     if (code >= 200 && code < 300) {
         cb->done = true;
     } else if (++cb->tries >= sim.callback_tries) {
-        fprintf(stderr, "gatewaysim: callback for %s given up after %ld tries\n", cb->charge_id,
+        fprintf(stderr, "gatewaysim: callback for %s given up after %ld tries\n", cb->object_id,
                 cb->tries);
         cb->done = true;
     }
@@ -549,23 +698,33 @@ sim_callback_send(struct callback *cb)
     }
 }
 
-/* Builds the event from the charge as it is now, when it is first sent;
- * false when the charge is gone (reset) or has moved on since it settled. */
+/* Builds the event from its object as it is now, when it is first sent;
+ * false when the object is gone (reset) or has moved on since it settled. */
 static bool
 sim_callback_build(struct callback *cb)
 {
-    json_t *ch = json_object_get(sim.charges, cb->charge_id);
-    if (!ch || !sim_same(sim_str(ch, "status"), cb->expect))
+    json_t *obj = sim_object(cb->kind, cb->object_id);
+    if (!obj || !sim_same(sim_str(obj, "status"), cb->expect))
         return false;
     char id[64];
     ids_random(id, sizeof(id), "gwevt_", 12);
     json_t *ev = json_pack("{s:s,s:s,s:I,s:{s:O}}", "id", id, "type", cb->type, "created",
-                           (json_int_t)time(NULL), "data", "object", ch);
+                           (json_int_t)time(NULL), "data", "object", obj);
     cb->body = json_dumps(ev, JSON_COMPACT);
     json_decref(ev);
     if (sim_roll(sim.callback_duplicate_rate))
-        sim_callback_new(cb->charge_id, cb->type, cb->expect, cb->body, (long)sim_random(1001));
+        sim_callback_new(cb->kind, cb->object_id, cb->type, cb->expect, cb->body,
+                         (long)sim_random(1001));
     return true;
+}
+
+/* Queues an event about the object in its current status, after the jitter. */
+static void
+sim_callback_later(enum kind kind, json_t *obj, const char *type)
+{
+    if (sim_callbacks_on())
+        sim_callback_new(kind, sim_str(obj, "id"), type, sim_str(obj, "status"), NULL,
+                         (long)sim_random((unsigned)sim.callback_jitter_ms + 1));
 }
 
 static void
@@ -585,10 +744,11 @@ sim_on_callback_timer(evutil_socket_t fd, short what, void *arg)
     sim_callback_send(cb);
 }
 
-/* ---- settlements: the customer authenticates, a pending capture clears ---- */
+/* ---- settlements: the customer authenticates, a pending capture or refund clears ---- */
 
 struct settle {
-    char *charge_id;
+    enum kind kind;
+    char *id;
     const char *from; /* requires_action or pending: settles only if still so */
     struct event *timer;
     LIST_ENTRY(settle) link;
@@ -599,41 +759,72 @@ sim_settle_free(struct settle *s)
 {
     LIST_REMOVE(s, link);
     event_free(s->timer);
-    free(s->charge_id);
+    free(s->id);
     free(s);
 }
 
 /* The charge settles if it is still waiting (it may have been canceled, or
  * forgotten by /_reset), then a callback tells the outcome. */
 static void
-sim_on_settle(evutil_socket_t fd, short what, void *arg)
+sim_charge_settle(json_t *ch, const char *from)
 {
-    struct settle *s = arg;
-    (void)fd;
-    (void)what;
-    json_t *ch = json_object_get(sim.charges, s->charge_id);
-    const char *type = NULL;
-    if (ch && sim_same(sim_str(ch, "status"), s->from) && strcmp(s->from, "pending") == 0) {
+    const char *type;
+    if (!ch || !sim_same(sim_str(ch, "status"), from))
+        return;
+    if (strcmp(from, "pending") == 0) {
         json_int_t amt = sim_int(ch, "amount_to_capture");
         json_object_set_new(ch, "captured", json_true());
         json_object_set_new(ch, "amount_captured", json_integer(amt));
         sim_move(ch, OP_SETTLE, "succeeded", NULL, amt);
         type = "charge.captured";
-    } else if (ch && sim_same(sim_str(ch, "status"), s->from)) {
+    } else {
         sim_decide(ch, OP_SETTLE, NULL);
         type = strcmp(sim_str(ch, "status"), "failed") == 0 ? "charge.failed" : "charge.succeeded";
     }
-    if (type)
-        sim_callback_new(s->charge_id, type, sim_str(ch, "status"), NULL,
-                         (long)sim_random((unsigned)sim.callback_jitter_ms + 1));
+    sim_callback_later(KIND_CHARGE, ch, type);
+}
+
+/* The refund settles if it is still pending (not canceled, not forgotten):
+ * it succeeds, and the charge's amount_refunded grows only now, or it
+ * fails. Callbacks tell both the refund's and, on success, the charge's new
+ * state, as separate events. */
+static void
+sim_refund_settle(json_t *re)
+{
+    if (!re || !sim_same(sim_str(re, "status"), "pending"))
+        return;
+    json_t *ch = json_object_get(sim.charges, sim_str(re, "charge"));
+    if (!ch) {
+        /* /_reset forgets charges and refunds together. */
+        fprintf(stderr, "gatewaysim: refund %s has no charge\n", sim_str(re, "id"));
+        abort();
+    }
+    bool fails = sim_refund_fails(re);
+    sim_refund_move(ch, re, OP_REFUND_SETTLE, fails ? "failed" : "succeeded", NULL);
+    if (!fails)
+        sim_callback_later(KIND_CHARGE, ch, "charge.refunded");
+    sim_callback_later(KIND_REFUND, re, "refund.updated");
+}
+
+static void
+sim_on_settle(evutil_socket_t fd, short what, void *arg)
+{
+    struct settle *s = arg;
+    (void)fd;
+    (void)what;
+    if (s->kind == KIND_REFUND)
+        sim_refund_settle(sim_object(KIND_REFUND, s->id));
+    else
+        sim_charge_settle(sim_object(KIND_CHARGE, s->id), s->from);
     sim_settle_free(s);
 }
 
 static void
-sim_settle_schedule(const char *charge_id, const char *from)
+sim_settle_schedule(enum kind kind, const char *id, const char *from)
 {
     struct settle *s = xcalloc(1, sizeof(*s));
-    s->charge_id = xstrdup(charge_id);
+    s->kind = kind;
+    s->id = xstrdup(id);
     s->from = from;
     s->timer = evtimer_new(sim.base, sim_on_settle, s);
     LIST_INSERT_HEAD(&sim.settles, s, link);
@@ -642,28 +833,38 @@ sim_settle_schedule(const char *charge_id, const char *from)
 
 /* ---- operations ---- */
 
-/* What a POST did: the answer, and the charge it created or named (NULL
- * when none), which its idempotency key then leads to. */
+/* What a POST did: the answer, and the charge and refund it created or
+ * named (NULL when none), which its idempotency key then leads to. */
 struct outcome {
     int code;
     json_t *body;
     const char *charge_id;
+    const char *refund_id;
 };
 
 static struct outcome
 sim_fail(int code, const char *message)
 {
-    return (struct outcome){code, sim_error_json(message), NULL};
+    return (struct outcome){.code = code, .body = sim_error_json(message)};
 }
 
-/* A refused capture or cancel: the error and the charge as it is. */
+static struct outcome
+sim_ok(json_t *ch, json_t *re)
+{
+    return (struct outcome){.code = 200,
+                            .body = json_incref(re ? re : ch),
+                            .charge_id = sim_str(ch, "id"),
+                            .refund_id = re ? sim_str(re, "id") : NULL};
+}
+
+/* A refused capture, cancel or refund: the error and the charge as it is. */
 static struct outcome
 sim_refuse(json_t *ch, const char *code, const char *message)
 {
-    return (struct outcome){
-        400,
-        json_pack("{s:{s:s,s:s},s:O}", "error", "message", message, "code", code, "charge", ch),
-        sim_str(ch, "id")};
+    return (struct outcome){.code = 400,
+                            .body = json_pack("{s:{s:s,s:s},s:O}", "error", "message", message,
+                                              "code", code, "charge", ch),
+                            .charge_id = sim_str(ch, "id")};
 }
 
 static struct outcome
@@ -680,26 +881,26 @@ sim_new_charge(json_t *body, const char *key)
     if (metadata && !json_is_object(metadata))
         return sim_fail(400, "metadata must be an object");
     ids_time_ordered(id, sizeof(id), "ch_", 8);
-    json_t *ch = json_pack("{s:s,s:s,s:I,s:s,s:s,s:b,s:n,s:b,s:I,s:I,s:I,s:b,s:o,s:o,s:I,s:[]}",
-                           "id", id, "object", "charge", "amount", json_integer_value(amount),
-                           "currency", currency, "payment_method", pm, "capture", capture, "status",
-                           "captured", 0, "amount_authorized", (json_int_t)0, "amount_captured",
-                           (json_int_t)0, "amount_refunded", (json_int_t)0, "voided", 0,
-                           "idempotency_key", key ? json_string(key) : json_null(), "metadata",
-                           metadata ? json_deep_copy(metadata) : json_object(), "created",
-                           (json_int_t)time(NULL), "operations");
+    json_t *ch = json_pack(
+        "{s:s,s:s,s:I,s:s,s:s,s:b,s:n,s:b,s:I,s:I,s:I,s:b,s:b,s:o,s:o,s:I,s:[],s:[]}", "id", id,
+        "object", "charge", "amount", json_integer_value(amount), "currency", currency,
+        "payment_method", pm, "capture", capture, "status", "captured", 0, "amount_authorized",
+        (json_int_t)0, "amount_captured", (json_int_t)0, "amount_refunded", (json_int_t)0,
+        "refunded", 0, "voided", 0, "idempotency_key", key ? json_string(key) : json_null(),
+        "metadata", metadata ? json_deep_copy(metadata) : json_object(), "created",
+        (json_int_t)time(NULL), "refunds", "operations");
     if (sim_method(pm)->needs_action) {
         sim_move(ch, OP_CREATE, "requires_action", key, json_integer_value(amount));
         /* Without callbacks nobody could learn the outcome: it waits for a cancel. */
         if (sim_callbacks_on())
-            sim_settle_schedule(id, "requires_action");
+            sim_settle_schedule(KIND_CHARGE, id, "requires_action");
     } else {
         sim_decide(ch, OP_CREATE, key);
     }
     json_object_set_new(sim.charges, id, ch);
     json_array_append_new(sim.ordered, json_string(id));
     sim.charges_made++;
-    return (struct outcome){200, json_incref(ch), sim_str(ch, "id")};
+    return sim_ok(ch, NULL);
 }
 
 static struct outcome
@@ -723,13 +924,13 @@ sim_capture(json_t *ch, json_t *body, const char *key)
          * charge.captured callback follows. */
         json_object_set_new(ch, "amount_to_capture", json_integer(cap));
         sim_move(ch, OP_CAPTURE, "pending", key, cap);
-        sim_settle_schedule(sim_str(ch, "id"), "pending");
+        sim_settle_schedule(KIND_CHARGE, sim_str(ch, "id"), "pending");
     } else {
         json_object_set_new(ch, "captured", json_true());
         json_object_set_new(ch, "amount_captured", json_integer(cap));
         sim_move(ch, OP_CAPTURE, "succeeded", key, cap);
     }
-    return (struct outcome){200, json_incref(ch), sim_str(ch, "id")};
+    return sim_ok(ch, NULL);
 }
 
 /* Voids the authorization. amount_authorized stays as the record of what
@@ -742,46 +943,91 @@ sim_cancel(json_t *ch, const char *key)
                           "only a requires_capture or requires_action charge can be canceled");
     json_object_set_new(ch, "voided", json_true());
     sim_move(ch, OP_CANCEL, "canceled", key, sim_int(ch, "amount_authorized"));
-    return (struct outcome){200, json_incref(ch), sim_str(ch, "id")};
+    return sim_ok(ch, NULL);
 }
 
+/* Refunds amount (by default all that is left) of a captured charge. The
+ * refund is answered succeeded or failed at once, or pending with
+ * --async-refund, when it settles --callback-delay-ms later. */
 static struct outcome
 sim_refund(json_t *body, const char *key)
 {
     const char *charge = sim_str(body, "charge");
     json_t *ch = json_object_get(sim.charges, charge ? charge : "");
     json_t *want = json_object_get(body, "amount");
+    json_t *metadata = json_object_get(body, "metadata");
     if (!ch)
         return sim_fail(404, "no such charge");
-    json_int_t captured = sim_int(ch, "amount_captured");
-    json_int_t refunded = sim_int(ch, "amount_refunded");
-    json_int_t amt = json_is_integer(want) ? json_integer_value(want) : captured - refunded;
-    if (amt <= 0 || refunded + amt > captured || !sim_can(OP_REFUND, sim_str(ch, "status"))) {
-        struct outcome o = sim_fail(400, "refund exceeds the captured amount");
+    if (want && (!json_is_integer(want) || json_integer_value(want) <= 0))
+        return sim_refuse(ch, "parameter_invalid_integer", "amount must be a positive integer");
+    if (metadata && !json_is_object(metadata)) {
+        struct outcome o = sim_fail(400, "metadata must be an object");
         o.charge_id = sim_str(ch, "id");
         return o;
     }
+    if (!sim_can(OP_REFUND, sim_str(ch, "status")) ||
+        !json_is_true(json_object_get(ch, "captured")))
+        return sim_refuse(ch, "charge_not_refundable", "only a captured charge can be refunded");
+    json_int_t left = sim_refundable(ch);
+    if (left <= 0)
+        return sim_refuse(ch, "charge_already_refunded",
+                          "the charge is refunded in full, or the rest is being refunded");
+    json_int_t amt = want ? json_integer_value(want) : left;
+    if (amt > left)
+        return sim_refuse(ch, "amount_too_large",
+                          "amount is more than the charge's amount_captured, less what is "
+                          "refunded or being refunded");
     char id[64];
     ids_time_ordered(id, sizeof(id), "re_", 8);
-    json_object_set_new(ch, "amount_refunded", json_integer(refunded + amt));
-    sim_move(ch, OP_REFUND, "succeeded", key, amt);
-    return (struct outcome){200,
-                            json_pack("{s:s,s:s,s:I,s:O,s:s}", "id", id, "object", "refund",
-                                      "amount", amt, "charge", json_object_get(ch, "id"), "status",
-                                      "succeeded"),
-                            sim_str(ch, "id")};
+    json_t *re = json_pack(
+        "{s:s,s:s,s:I,s:O,s:O,s:n,s:n,s:o,s:o,s:I}", "id", id, "object", "refund", "amount", amt,
+        "currency", json_object_get(ch, "currency"), "charge", json_object_get(ch, "id"), "status",
+        "failure_reason", "idempotency_key", key ? json_string(key) : json_null(), "metadata",
+        metadata ? json_deep_copy(metadata) : json_object(), "created", (json_int_t)time(NULL));
+    /* One object, two places: the charge's list shows every change. */
+    json_object_set_new(sim.refunds, id, re);
+    json_array_append(json_object_get(ch, "refunds"), re);
+    if (sim.async_refund) {
+        sim_refund_move(ch, re, OP_REFUND, "pending", key);
+        sim_settle_schedule(KIND_REFUND, id, "pending");
+    } else {
+        sim_refund_move(ch, re, OP_REFUND, sim_refund_fails(re) ? "failed" : "succeeded", key);
+    }
+    return sim_ok(ch, re);
+}
+
+/* Cancels a pending refund: its amount is not refunded and may be
+ * refunded again. */
+static struct outcome
+sim_refund_cancel(json_t *re, const char *key)
+{
+    json_t *ch = json_object_get(sim.charges, sim_str(re, "charge"));
+    if (!ch) {
+        fprintf(stderr, "gatewaysim: refund %s has no charge\n", sim_str(re, "id"));
+        abort();
+    }
+    if (!sim_refund_can(OP_REFUND_CANCEL, sim_str(re, "status")))
+        return (struct outcome){.code = 400,
+                                .body = json_pack("{s:{s:s,s:s},s:O}", "error", "message",
+                                                  "only a pending refund can be canceled", "code",
+                                                  "refund_not_cancelable", "refund", re),
+                                .charge_id = sim_str(ch, "id"),
+                                .refund_id = sim_str(re, "id")};
+    sim_refund_move(ch, re, OP_REFUND_CANCEL, "canceled", key);
+    return sim_ok(ch, re);
 }
 
 /* ---- HTTP ---- */
 
-/* Splits "/v1/charges/ID" and "/v1/charges/ID/ACTION"; false for other paths. */
+/* Splits "PREFIXID" and "PREFIXID/ACTION" (prefix "/v1/charges/" or
+ * "/v1/refunds/"); false for other paths. */
 static bool
-sim_charge_path(const char *path, char *id, size_t cap, const char **action)
+sim_object_path(const char *path, const char *prefix, char *id, size_t cap, const char **action)
 {
-    static const char prefix[] = "/v1/charges/";
-    if (strncmp(path, prefix, sizeof(prefix) - 1) != 0)
+    size_t plen = strlen(prefix);
+    if (strncmp(path, prefix, plen) != 0)
         return false;
-    const char *s = path + sizeof(prefix) - 1;
+    const char *s = path + plen;
     size_t n = strcspn(s, "/");
     if (n == 0 || n >= cap)
         return false;
@@ -801,9 +1047,15 @@ sim_dispatch(const char *path, json_t *body, const char *key)
         return sim_new_charge(body, key);
     if (strcmp(path, "/v1/refunds") == 0)
         return sim_refund(body, key);
-    if (!sim_charge_path(path, id, sizeof(id), &action) ||
+    if (sim_object_path(path, "/v1/refunds/", id, sizeof(id), &action)) {
+        if (strcmp(action, "/cancel") != 0)
+            return (struct outcome){0};
+        json_t *re = json_object_get(sim.refunds, id);
+        return re ? sim_refund_cancel(re, key) : sim_fail(404, "no such refund");
+    }
+    if (!sim_object_path(path, "/v1/charges/", id, sizeof(id), &action) ||
         (strcmp(action, "/capture") != 0 && strcmp(action, "/cancel") != 0))
-        return (struct outcome){0, NULL, NULL};
+        return (struct outcome){0};
     json_t *ch = json_object_get(sim.charges, id);
     if (!ch)
         return sim_fail(404, "no such charge");
@@ -892,8 +1144,9 @@ sim_post(struct evhttp_request *req, const char *path)
     json_decref(out.body);
     if (key)
         json_object_set_new(sim.by_key, key,
-                            json_pack("{s:s,s:i,s:s,s:s?}", "hash", hash, "code", out.code, "body",
-                                      text, "charge", out.charge_id));
+                            json_pack("{s:s,s:i,s:s,s:s?,s:s?}", "hash", hash, "code", out.code,
+                                      "body", text, "charge", out.charge_id, "refund",
+                                      out.refund_id));
     sim_answer(req, out.code, text, true);
     free(text);
 }
@@ -923,23 +1176,25 @@ sim_ledger(struct evhttp_request *req)
     json_decref(o);
 }
 
-/* GET /v1/charges?idempotency_key=K: the charge K's request created or
- * acted on, as it is now (not the answer that request got). */
+/* GET /v1/charges?idempotency_key=K (/v1/refunds?...): the charge (the
+ * refund) K's request created or acted on, as it is now (not the answer
+ * that request got). A charge's key leads to no refund; a refund's key
+ * leads to its charge as well. */
 static void
-sim_by_key(struct evhttp_request *req)
+sim_by_key(struct evhttp_request *req, enum kind kind)
 {
     struct evkeyvalq q;
     const char *query = evhttp_uri_get_query(evhttp_request_get_evhttp_uri(req));
-    json_t *ch = NULL;
+    json_t *obj = NULL;
     if (query && evhttp_parse_query_str(query, &q) == 0) {
         const char *key = evhttp_find_header(&q, "idempotency_key");
         json_t *seen = key ? json_object_get(sim.by_key, key) : NULL;
-        const char *id = seen ? sim_str(seen, "charge") : NULL;
-        ch = id ? json_object_get(sim.charges, id) : NULL;
+        const char *id = seen ? sim_str(seen, kind == KIND_REFUND ? "refund" : "charge") : NULL;
+        obj = id ? sim_object(kind, id) : NULL;
         evhttp_clear_headers(&q);
     }
-    if (ch)
-        sim_send_json(req, ch);
+    if (obj)
+        sim_send_json(req, obj);
     else
         sim_error(req, 404, "no request with this idempotency key");
 }
@@ -949,16 +1204,25 @@ sim_get(struct evhttp_request *req, const char *path)
 {
     char id[80];
     const char *action;
+    json_t *obj;
     if (strcmp(path, "/v1/ledger") == 0) {
         sim_ledger(req);
     } else if (strcmp(path, "/v1/charges") == 0) {
-        sim_by_key(req);
-    } else if (sim_charge_path(path, id, sizeof(id), &action) && !*action) {
-        json_t *ch = json_object_get(sim.charges, id);
-        if (ch)
-            sim_send_json(req, ch);
+        sim_by_key(req, KIND_CHARGE);
+    } else if (strcmp(path, "/v1/refunds") == 0) {
+        sim_by_key(req, KIND_REFUND);
+    } else if (sim_object_path(path, "/v1/charges/", id, sizeof(id), &action) && !*action) {
+        obj = json_object_get(sim.charges, id);
+        if (obj)
+            sim_send_json(req, obj);
         else
             sim_error(req, 404, "no such charge");
+    } else if (sim_object_path(path, "/v1/refunds/", id, sizeof(id), &action) && !*action) {
+        obj = json_object_get(sim.refunds, id);
+        if (obj)
+            sim_send_json(req, obj);
+        else
+            sim_error(req, 404, "no such refund");
     } else {
         sim_error(req, 404, "no such endpoint");
     }
@@ -980,6 +1244,7 @@ sim_config(struct evhttp_request *req)
         {"rate_limit_rate", &sim.rate_limit_rate, 100},
         {"callback_jitter_ms", &sim.callback_jitter_ms, 3600000},
         {"callback_duplicate_rate", &sim.callback_duplicate_rate, 100},
+        {"refund_fail_rate", &sim.refund_fail_rate, 100},
     };
     size_t n = sizeof(knobs) / sizeof(knobs[0]);
     json_t *b = sim_body(req);
@@ -987,18 +1252,23 @@ sim_config(struct evhttp_request *req)
         sim_send_now(req, 400, "{\"error\":{\"message\":\"bad JSON\"}}");
         return;
     }
-    for (size_t i = 0; i < n; i++) {
+    json_t *async_refund = json_object_get(b, "async_refund");
+    bool bad = async_refund && !json_is_boolean(async_refund);
+    for (size_t i = 0; i < n && !bad; i++) {
         json_t *v = json_object_get(b, knobs[i].name);
-        if (v && (!json_is_integer(v) || json_integer_value(v) < 0 ||
-                  json_integer_value(v) > knobs[i].max)) {
-            json_decref(b);
-            sim_send_now(req, 400, "{\"error\":{\"message\":\"a setting is out of range\"}}");
-            return;
-        }
+        bad = v && (!json_is_integer(v) || json_integer_value(v) < 0 ||
+                    json_integer_value(v) > knobs[i].max);
+    }
+    if (bad) {
+        json_decref(b);
+        sim_send_now(req, 400, "{\"error\":{\"message\":\"a setting is out of range\"}}");
+        return;
     }
     for (size_t i = 0; i < n; i++)
         if (json_object_get(b, knobs[i].name))
             *knobs[i].value = (long)sim_int(b, knobs[i].name);
+    if (async_refund)
+        sim.async_refund = json_is_true(async_refund);
     json_int_t refuse = sim_int(b, "refuse_ms");
     json_decref(b);
     sim_send_now(req, 200, "{\"ok\":true}");
@@ -1011,13 +1281,14 @@ sim_config(struct evhttp_request *req)
     }
 }
 
-/* POST /_reset: forgets every charge and key. Settlement timers find their
- * charge gone and do nothing; callbacks of the old generation are dropped
- * at their next turn, sent or not. */
+/* POST /_reset: forgets every charge, refund and key. Settlement timers
+ * find their charge or refund gone and do nothing; callbacks of the old
+ * generation are dropped at their next turn, sent or not. */
 static void
 sim_reset(struct evhttp_request *req)
 {
     json_object_clear(sim.charges);
+    json_object_clear(sim.refunds);
     json_object_clear(sim.by_key);
     json_array_clear(sim.ordered);
     sim.charges_made = 0;
@@ -1098,7 +1369,7 @@ static const char sim_usage[] =
     "usage: gatewaysim [--port N] [--bind ADDR] [--latency-ms N] [--fail-rate PCT] "
     "[--reset-rate PCT] [--timeout-rate PCT] [--key KEY] [--callback-url URL --callback-secret S "
     "[--callback-delay-ms N] [--callback-jitter-ms N] [--callback-duplicate-rate PCT] "
-    "[--callback-tries N] [--async-capture]]\n";
+    "[--callback-tries N] [--async-capture]] [--async-refund] [--refund-fail-rate PCT]\n";
 
 /* A numeric flag in [min, max]; anything else is a bad start-up. */
 static long
@@ -1131,13 +1402,15 @@ sim_options(int argc, char **argv)
                                          {"callback-duplicate-rate", required_argument, NULL, 'P'},
                                          {"callback-tries", required_argument, NULL, 'T'},
                                          {"async-capture", no_argument, NULL, 'A'},
+                                         {"async-refund", no_argument, NULL, 'R'},
+                                         {"refund-fail-rate", required_argument, NULL, 'F'},
                                          {NULL, 0, NULL, 0}};
     int opt;
     sim.port = 12111;
     sim.bind = "127.0.0.1";
     sim.callback_delay_ms = 500;
     sim.callback_tries = 30;
-    while ((opt = getopt_long(argc, argv, "p:b:l:f:r:t:k:U:S:D:J:P:T:A", opts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "p:b:l:f:r:t:k:U:S:D:J:P:T:ARF:", opts, NULL)) != -1) {
         switch (opt) {
         case 'p':
             sim.port = (int)sim_number("port", optarg, 1, 65535);
@@ -1181,6 +1454,12 @@ sim_options(int argc, char **argv)
         case 'A':
             sim.async_capture = true;
             break;
+        case 'R':
+            sim.async_refund = true;
+            break;
+        case 'F':
+            sim.refund_fail_rate = sim_number("refund-fail-rate", optarg, 0, 100);
+            break;
         default:
             fputs(sim_usage, stderr);
             exit(2);
@@ -1216,6 +1495,7 @@ sim_free_all(void)
     if (sim.callback_uri)
         evhttp_uri_free(sim.callback_uri);
     json_decref(sim.charges);
+    json_decref(sim.refunds);
     json_decref(sim.by_key);
     json_decref(sim.ordered);
 }
@@ -1231,6 +1511,7 @@ main(int argc, char **argv)
     LIST_INIT(&sim.callbacks);
     sim.base = event_base_new();
     sim.charges = json_object();
+    sim.refunds = json_object();
     sim.by_key = json_object();
     sim.ordered = json_array();
     sim.http = evhttp_new(sim.base);

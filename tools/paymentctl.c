@@ -54,6 +54,9 @@ usage(FILE *out)
                  "  transitions             print the payment state machine's table (Markdown)\n");
 }
 
+/* What ./scripts/run writes, relative to the repository's root. */
+#define CTL_DEV_CONFIG "var/paymentd.env"
+
 static const char *
 ctl_run_dir(const char *opt_dir, const char *config_path)
 {
@@ -72,10 +75,6 @@ ctl_run_dir(const char *opt_dir, const char *config_path)
         snprintf(buf, sizeof(buf), "%s", cfg.run_dir);
         config_free(&cfg);
         return buf;
-    }
-    if (access("var/run", F_OK) == 0) {
-        if (realpath("var/run", buf))
-            return buf;
     }
     return "/run/paymentd";
 }
@@ -385,7 +384,7 @@ ctl_print_event(const char *event_id, const char *type, const char *json, int le
 /* Prints the events sent after `after`, asking the outbox in batches;
  * returns how many were printed, or -1. */
 static long
-ctl_replay(const char *run_dir, const char *type, char *after, size_t cap)
+ctl_replay(const char *run_dir, const char *type, char *after, size_t cap, long count)
 {
     char url[600];
     long printed = 0;
@@ -423,6 +422,10 @@ ctl_replay(const char *run_dir, const char *type, char *after, size_t cap)
             snprintf(after, cap, "%s", id);
             if (type && strcmp(type, etype) != 0)
                 continue;
+            if (count > 0 && printed >= count) { /* N events in all, replayed ones included */
+                more = false;
+                break;
+            }
             ctl_print_event(id, etype, ev->via.str.ptr, (int)ev->via.str.size);
             printed++;
         }
@@ -472,7 +475,7 @@ ctl_subscribe(const char *run_dir, const char *config_path, const char *type, lo
          * replay waits in it (it may come twice: same ids, at least once). */
         char cursor[ENVELOPE_ID_MAX];
         snprintf(cursor, sizeof(cursor), "%s", after);
-        long n = ctl_replay(run_dir, type, cursor, sizeof(cursor));
+        long n = ctl_replay(run_dir, type, cursor, sizeof(cursor), count);
         if (n < 0) {
             nng_close(sock);
             return 1;
@@ -555,6 +558,10 @@ main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
+    /* After ./scripts/run, from the repository's root, its configuration
+     * (database, RUN_DIR) is found without flags. */
+    if (!config_path && !opt_dir && access(CTL_DEV_CONFIG, R_OK) == 0)
+        config_path = CTL_DEV_CONFIG;
     const char *cmd = argv[optind];
     const char *arg = optind + 1 < argc ? argv[optind + 1] : NULL;
     const char *run_dir = ctl_run_dir(opt_dir, config_path);

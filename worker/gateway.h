@@ -20,7 +20,15 @@ enum gw_outcome {
     GW_NOT_FOUND,     /* a retrieve: the gateway never saw this key (or charge) */
 };
 
-enum gw_op { GW_CHARGE, GW_CAPTURE, GW_CANCEL, GW_RETRIEVE, GW_REFUND };
+enum gw_op {
+    GW_CHARGE,
+    GW_CAPTURE,
+    GW_CANCEL,
+    GW_RETRIEVE,
+    GW_REFUND,
+    GW_REFUND_CANCEL,   /* charge_id: the gateway's refund id */
+    GW_RETRIEVE_REFUND, /* by refund id (charge_id) when set, else by idempotency key */
+};
 
 struct gw_request {
     enum gw_op op;
@@ -32,6 +40,9 @@ struct gw_request {
     const char *charge_id; /* capture, cancel, refund; a retrieve by charge id when set */
 };
 
+/* For a refund (GW_REFUND, GW_REFUND_CANCEL, GW_RETRIEVE_REFUND) the outcome
+ * is the refund's status: succeeded, pending, canceled, or declined (failed,
+ * with its failure_reason in code); charge_id is then the refund's id. */
 struct gw_result {
     enum gw_outcome outcome;
     char charge_id[64];

@@ -92,7 +92,7 @@ sim_on_response(void *arg, const struct curlev_response *resp)
         json_decref(body);
         goto out;
     }
-    if (resp->status == 404 && call->op == GW_RETRIEVE) {
+    if (resp->status == 404 && (call->op == GW_RETRIEVE || call->op == GW_RETRIEVE_REFUND)) {
         res.outcome = GW_NOT_FOUND;
         snprintf(res.message, sizeof(res.message), "not known to the gateway");
         json_decref(body);
@@ -107,6 +107,23 @@ sim_on_response(void *arg, const struct curlev_response *resp)
     }
     const char *status = json_string_value(json_object_get(body, "status"));
     sim_copy(res.charge_id, sizeof(res.charge_id), body, "id");
+    const char *kind = json_string_value(json_object_get(body, "object"));
+    if (kind && strcmp(kind, "refund") == 0) {
+        res.amount = json_integer_value(json_object_get(body, "amount"));
+        if (status && strcmp(status, "succeeded") == 0)
+            res.outcome = GW_SUCCEEDED;
+        else if (status && strcmp(status, "pending") == 0)
+            res.outcome = GW_PENDING;
+        else if (status && strcmp(status, "canceled") == 0)
+            res.outcome = GW_CANCELED;
+        else if (status && strcmp(status, "failed") == 0) {
+            res.outcome = GW_DECLINED;
+            sim_copy(res.code, sizeof(res.code), body, "failure_reason");
+        } else
+            res.outcome = GW_AMBIGUOUS;
+        json_decref(body);
+        goto out;
+    }
     res.amount = json_integer_value(json_object_get(body, "amount_captured"));
     if (!status)
         res.outcome = GW_AMBIGUOUS;
@@ -169,6 +186,19 @@ sim_call(struct gateway *gw, const struct gw_request *req, gw_cb cb, void *arg)
         snprintf(url, sizeof(url), "%s/v1/refunds", s->base);
         json_object_set_new(body, "charge", json_string(req->charge_id));
         json_object_set_new(body, "amount", json_integer(req->amount));
+        json_object_set_new(body, "metadata",
+                            json_pack("{s:s}", "paymentd_attempt", req->idempotency_key));
+        break;
+    case GW_REFUND_CANCEL:
+        snprintf(url, sizeof(url), "%s/v1/refunds/%s/cancel", s->base, req->charge_id);
+        break;
+    case GW_RETRIEVE_REFUND:
+        method = "GET";
+        if (req->charge_id && *req->charge_id)
+            snprintf(url, sizeof(url), "%s/v1/refunds/%s", s->base, req->charge_id);
+        else
+            snprintf(url, sizeof(url), "%s/v1/refunds?idempotency_key=%s", s->base,
+                     req->idempotency_key);
         break;
     case GW_RETRIEVE:
         method = "GET";
@@ -179,7 +209,8 @@ sim_call(struct gateway *gw, const struct gw_request *req, gw_cb cb, void *arg)
                      req->idempotency_key);
         break;
     }
-    char *text = req->op == GW_RETRIEVE ? NULL : json_dumps(body, JSON_COMPACT);
+    bool get = req->op == GW_RETRIEVE || req->op == GW_RETRIEVE_REFUND;
+    char *text = get ? NULL : json_dumps(body, JSON_COMPACT);
     json_decref(body);
     snprintf(key, sizeof(key), "Idempotency-Key: %s", req->idempotency_key);
     const char *headers[] = {"Content-Type: application/json", key, "Expect:", s->auth, NULL};

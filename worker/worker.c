@@ -10,6 +10,9 @@
  * that NNG re-sends after a worker died, that is retried here after a
  * timeout, or that the sweeps re-drive can never move money twice.
  *
+ * A refund is an attempt too, and so is the cancel of a refund the gateway
+ * holds as pending; several refunds of one payment may be in flight.
+ *
  * The call goes through the provider's adapter (libcurl multi); only
  * failures that are certainly not processed or ambiguous are retried
  * (exponential back-off with full jitter, same key); a decline is final.
@@ -81,7 +84,8 @@ struct job {
      * not certain; another job with this key may have reached it. */
     bool sent[CONFIG_MAX_PROVIDERS], unsure[CONFIG_MAX_PROVIDERS];
     bool tried_before[CONFIG_MAX_PROVIDERS];
-    char why[256]; /* why the current provider is being left */
+    char why[256];     /* why the current provider is being left */
+    char recorded[20]; /* the state last recorded for the attempt */
     int tries;
     int chain;
     int64_t gateway_started_us;
@@ -130,10 +134,22 @@ job_on_current(void *arg, PGresult *res, const char *err)
 
 /* Replies with the intent as it is now (the outcome is not known yet, or
  * somebody else recorded it). */
+static bool job_is_refund(const struct job *j);
+
 static void
 job_reply_current(struct job *j)
 {
     char id[24];
+    if (job_is_refund(j)) { /* the refund (a cancel's: the refund it cancels) */
+        snprintf(id, sizeof(id), "%lld", (long long)j->attempt_id);
+        const char *params[1] = {id};
+        pgev_exec(j->w->pg,
+                  "SELECT refund_object(r)::text FROM refunds r WHERE r.attempt_id ="
+                  " (SELECT CASE type WHEN 'refund' THEN id ELSE parent_id END"
+                  "  FROM payment_transactions WHERE id = $1)",
+                  1, params, job_on_current, j);
+        return;
+    }
     snprintf(id, sizeof(id), "%lld", (long long)j->intent_id);
     const char *params[1] = {id};
     pgev_exec(j->w->pg,
@@ -167,6 +183,12 @@ static bool
 job_is_charge(const struct job *j)
 {
     return strcmp(j->op, "charge") == 0 || strcmp(j->op, "authorization") == 0;
+}
+
+static bool
+job_is_refund(const struct job *j)
+{
+    return strcmp(j->op, "refund") == 0 || strcmp(j->op, "refund_cancel") == 0;
 }
 
 /* Takes the next attempt (attempt_jobs' columns in row 0 of res). */
@@ -224,6 +246,20 @@ job_count_outcome(struct job *j, const char *status, int64_t age_us, int64_t rec
 }
 
 static void
+job_count_refund(struct job *j, const char *status)
+{
+    struct shm_metrics *m = role_metrics(j->w->ctx);
+    if (strcmp(status, "succeeded") == 0) {
+        metric_inc(m, MC_REFUNDS_SUCCEEDED);
+        metric_observe(&m->refund_amount, metric_bucket_bounds_amount, (uint64_t)j->amount);
+    } else if (strcmp(status, "failed") == 0) {
+        metric_inc(m, MC_REFUNDS_FAILED);
+    } else if (strcmp(status, "canceled") == 0) {
+        metric_inc(m, MC_REFUNDS_CANCELED);
+    }
+}
+
+static void
 job_on_recorded(void *arg, PGresult *res, const char *err)
 {
     struct job *j = arg;
@@ -236,10 +272,12 @@ job_on_recorded(void *arg, PGresult *res, const char *err)
         return;
     }
     const char *status = job_col(res, 0, "status");
-    if (strcmp(job_col(res, 0, "applied"), "t") == 0)
+    if (strcmp(job_col(res, 0, "applied"), "t") == 0 && job_is_refund(j))
+        job_count_refund(j, status);
+    else if (strcmp(job_col(res, 0, "applied"), "t") == 0)
         job_count_outcome(j, status, strtoll(job_col(res, 0, "age_us"), NULL, 10),
                           strtoll(job_col(res, 0, "received"), NULL, 10));
-    else
+    else if (strcmp(j->recorded, "pending") != 0)
         log_info("payment %s: %s %s was settled already (a callback or another job)", j->public_id,
                  j->op, j->key);
     if (jobs_has_attempt(res, 0)) {
@@ -274,6 +312,7 @@ job_record(struct job *j, const char *state, const struct gw_result *r)
                              j->w->gw[0]->name,
                              j->w->lease};
     log_info("payment %s: %s %s -> %s", j->public_id, j->op, j->key, state);
+    snprintf(j->recorded, sizeof(j->recorded), "%s", state);
     pgev_exec(j->w->pg,
               "SELECT r.*, j.* FROM attempt_apply($1::bigint, $2, $3, $4::bigint, $5, $6, $7,"
               " $8, $9::bigint) r LEFT JOIN LATERAL attempt_job(r.next_attempt) j ON true",
@@ -301,6 +340,30 @@ job_state(enum gw_outcome o)
     }
 }
 
+static void
+job_on_renewed(void *arg, PGresult *res, const char *err)
+{
+    (void)arg;
+    if (!res || PQresultStatus(res) != PGRES_COMMAND_OK)
+        log_warn("an attempt's lease was not changed: %s", err ? err : PQresultErrorMessage(res));
+}
+
+/* A job that gives up holds its attempt no longer: the sweeps may take it
+ * up after GATEWAY_RETRY_CAP_MS rather than a whole lease (which covers a
+ * job's worst case, minutes). */
+static void
+job_release_lease(struct job *j)
+{
+    char id[24], after[24];
+    snprintf(id, sizeof(id), "%lld", (long long)j->attempt_id);
+    snprintf(after, sizeof(after), "%lld", (long long)j->w->ctx->cfg.gateway_retry_cap_ms);
+    const char *params[2] = {id, after};
+    pgev_exec(j->w->pg,
+              "UPDATE payment_transactions SET lease_until = least(lease_until, now() +"
+              " $2::bigint * interval '1 millisecond') WHERE id = $1 AND status = 'pending'",
+              2, params, job_on_renewed, NULL);
+}
+
 /* The operation's answer is definite (or retries ran out). */
 static void
 job_finish(struct job *j, const struct gw_result *r)
@@ -308,7 +371,7 @@ job_finish(struct job *j, const struct gw_result *r)
     const char *state = job_state(r->outcome);
     if (j->step == STEP_REDRIVE) {
         /* What became of an attempt whose answer may be lost. */
-        if (r->outcome == GW_NOT_FOUND && job_is_charge(j)) {
+        if (r->outcome == GW_NOT_FOUND && (job_is_charge(j) || strcmp(j->op, "refund") == 0)) {
             j->step = STEP_CALL; /* never reached the gateway: send it (same key) */
             j->tries = 0;
             job_run(j);
@@ -316,25 +379,33 @@ job_finish(struct job *j, const struct gw_result *r)
         }
         bool still_needed = (strcmp(j->op, "capture") == 0 && r->outcome == GW_REQUIRES_CAPTURE) ||
                             (strcmp(j->op, "void") == 0 && (r->outcome == GW_REQUIRES_CAPTURE ||
-                                                            r->outcome == GW_REQUIRES_ACTION));
+                                                            r->outcome == GW_REQUIRES_ACTION)) ||
+                            (strcmp(j->op, "refund_cancel") == 0 && r->outcome == GW_PENDING);
         if (still_needed) {
             j->step = STEP_CALL; /* the charge still waits for it: send it (same key) */
             j->tries = 0;
             job_run(j);
             return;
         }
-        if (state && !(strcmp(j->op, "capture") == 0 && r->outcome == GW_PENDING)) {
+        if (state && !((strcmp(j->op, "capture") == 0 || strcmp(j->op, "refund") == 0) &&
+                       r->outcome == GW_PENDING)) {
             job_record(j, state, r);
             return;
         }
-        if (r->outcome == GW_PENDING) { /* a capture still settling: its callback finishes it */
+        if (r->outcome == GW_PENDING) { /* still settling: its callback (or a re-drive) ends it */
             job_reply_current(j);
             return;
         }
         goto unresolved;
     }
     if (j->step == STEP_RESOLVE) {
-        /* The gateway refused a capture or void: the charge's state decides. */
+        /* The gateway refused the operation: the charge's state decides. */
+        if (r->outcome == GW_NOT_FOUND && job_is_charge(j)) {
+            struct gw_result refused = *r;
+            snprintf(refused.message, sizeof(refused.message), "%s", j->why);
+            job_record(j, "rejected", &refused); /* no charge under this key */
+            return;
+        }
         if (state) {
             job_record(j, state, r);
             return;
@@ -342,8 +413,21 @@ job_finish(struct job *j, const struct gw_result *r)
         goto unresolved;
     }
     if (r->outcome == GW_REJECTED && job_is_charge(j)) {
-        /* The gateway refused the request itself: certainly not charged. */
-        job_record(j, "rejected", r);
+        /* The gateway refused the request. Refused for this key, it may
+         * still hold a charge made under it (an earlier send, whose answer
+         * was lost, with other parameters): ask by key before calling it
+         * rejected, i.e. certainly not charged. */
+        snprintf(j->why, sizeof(j->why), "%s", r->message);
+        j->step = STEP_RESOLVE;
+        j->tries = 0;
+        job_run(j);
+        return;
+    }
+    if (r->outcome == GW_REJECTED && strcmp(j->op, "refund") == 0) {
+        /* Refused (more than the charge holds, say): nothing was refunded. */
+        struct gw_result failed = *r;
+        snprintf(failed.code, sizeof(failed.code), "gateway_refused");
+        job_record(j, "failed", &failed);
         return;
     }
     if (r->outcome == GW_REJECTED || r->outcome == GW_NOT_FOUND) {
@@ -361,6 +445,7 @@ job_finish(struct job *j, const struct gw_result *r)
 unresolved:
     log_error("payment %s: %s %s %s (%s); left for recovery", j->public_id, j->op, j->key,
               gateway_outcome_name(r->outcome), r->message);
+    job_release_lease(j);
     job_reply_current(j);
 }
 
@@ -372,14 +457,6 @@ job_on_retry(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     job_run(arg);
-}
-
-static void
-job_on_renewed(void *arg, PGresult *res, const char *err)
-{
-    (void)arg;
-    if (!res || PQresultStatus(res) != PGRES_COMMAND_OK)
-        log_warn("an attempt's lease was not renewed: %s", err ? err : PQresultErrorMessage(res));
 }
 
 /* A job that runs long (retries, a long queue) renews its attempt's lease,
@@ -570,15 +647,20 @@ job_run(struct job *j)
     req.payment_method = j->payment_method;
     req.charge_id = j->target;
     if (j->step != STEP_CALL) {
-        /* Ask what became of it: a charge by the key that created it, a
-         * capture's or void's charge by its id (or by the key that created
-         * it, when its id was never learnt). */
-        req.op = GW_RETRIEVE;
-        if (job_is_charge(j)) {
+        /* Ask what became of it: a charge (or refund) by the key that
+         * created it, a capture's or void's charge (a refund cancel's
+         * refund) by its id, or by the key that created it when its id was
+         * never learnt. */
+        req.op = job_is_refund(j) ? GW_RETRIEVE_REFUND : GW_RETRIEVE;
+        if (job_is_charge(j) || strcmp(j->op, "refund") == 0) {
             req.charge_id = NULL;
         } else if (!j->target[0]) {
             req.idempotency_key = j->target_key;
         }
+    } else if (strcmp(j->op, "refund") == 0) {
+        req.op = GW_REFUND;
+    } else if (strcmp(j->op, "refund_cancel") == 0) {
+        req.op = GW_REFUND_CANCEL;
     } else if (job_is_charge(j)) {
         req.op = GW_CHARGE;
         req.capture = strcmp(j->op, "charge") == 0;
@@ -587,18 +669,21 @@ job_run(struct job *j)
     } else {
         req.op = GW_CANCEL;
     }
-    if (!breaker_allow(&j->w->ctx->seg->breakers[j->prov], j->w->ctx->cfg.breaker_open_ms,
-                       &j->probe)) {
+    /* With several providers a charge's first call to one is recorded
+     * first; the breaker is asked after, so that a probe token it hands out
+     * is spent on this very call. */
+    if (j->w->n_gw > 1 && req.op == GW_CHARGE && !j->sent[j->prov]) {
+        job_record_tried(j);
+        return;
+    }
+    if (!j->probe && !breaker_allow(&j->w->ctx->seg->breakers[j->prov],
+                                    j->w->ctx->cfg.breaker_open_ms, &j->probe)) {
         /* Refused without calling: certainly not received. Another provider
          * may take a charge; else the attempt stays pending and the sweeps
          * finish it once the gateway is back. */
         struct gw_result r = {.outcome = GW_NOT_PROCESSED};
         snprintf(r.message, sizeof(r.message), "circuit breaker open");
         job_next(j, &r, true);
-        return;
-    }
-    if (j->w->n_gw > 1 && req.op == GW_CHARGE && !j->sent[j->prov]) {
-        job_record_tried(j);
         return;
     }
     if (req.op != GW_RETRIEVE)
@@ -629,7 +714,8 @@ job_decode(struct job *j, const struct envelope *env)
         envelope_get_str(b, "target_key", j->target_key, sizeof(j->target_key)) < 0 ||
         envelope_get_bool(b, "redrive", &redrive) < 0)
         return -1;
-    if (!job_is_charge(j) && strcmp(j->op, "capture") != 0 && strcmp(j->op, "void") != 0)
+    if (!job_is_charge(j) && !job_is_refund(j) && strcmp(j->op, "capture") != 0 &&
+        strcmp(j->op, "void") != 0)
         return -1;
     if (j->attempt_id <= 0 || j->intent_id <= 0 || j->amount < 0 || !j->key[0])
         return -1;

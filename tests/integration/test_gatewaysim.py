@@ -1,6 +1,6 @@
-"""gatewaysim as a faithful gateway: charge states, the ledger, lookups by
-idempotency key, refusals, fault injection on every operation and signed
-callbacks (late, duplicated, never for a canceled charge).
+"""gatewaysim as a faithful gateway: charge and refund states, the ledger,
+lookups by idempotency key, refusals, fault injection on every operation and
+signed callbacks (late, duplicated, never for a canceled charge or refund).
 
 Needs no database: each test starts its own gatewaysim and, where callbacks
 are involved, a small HTTP server in this process that receives them.
@@ -127,6 +127,27 @@ class GatewaysimCase(unittest.TestCase):
 
     def in_ledger(self, charge_id):
         return [c for c in self.gw.ledger()["data"] if c["id"] == charge_id][0]
+
+    def refund(self, charge_id, amount=None, key=None, code=200, **extra):
+        """POSTs a refund; asserts the status code; returns the body."""
+        body = dict(charge=charge_id, **extra)
+        if amount is not None:
+            body["amount"] = amount
+        got, re = self.post("/v1/refunds", body, key=key)
+        self.assertEqual(got, code, re)
+        return re
+
+    def refund_by_key(self, key):
+        return self.gw.request("GET", "/v1/refunds?idempotency_key=" + key)
+
+    def get_refund(self, refund_id):
+        code, re = self.gw.request("GET", "/v1/refunds/" + refund_id)
+        self.assertEqual(code, 200, re)
+        return re
+
+    def refund_ops(self, charge_id):
+        return [(o["op"], o["amount"], o["status"]) for o in self.in_ledger(charge_id)["operations"]
+                if o["op"].startswith("refund")]
 
 
 class TestSettlement(GatewaysimCase):
@@ -335,6 +356,224 @@ class TestNoCallbacks(GatewaysimCase):
                           key=uuid.uuid4().hex, timeout=0.2)
         wait_for(lambda: fds() <= before + 1, 5, what="gatewaysim to close abandoned connections")
         self.assertEqual(self.gw.ledger()["charges"], 20)
+
+
+class TestRefunds(GatewaysimCase):
+    """Synchronous refunds (the default), without callbacks."""
+    callbacks = False
+
+    def test_partial_refunds_up_to_the_captured_amount(self):
+        ch = self.charge(capture=False, amount=1000)
+        self.assertEqual(self.post("/v1/charges/%s/capture" % ch["id"], {"amount": 800})[0], 200)
+        a = self.refund(ch["id"], 300, key="k-r1", metadata={"reason": "damaged"})
+        self.assertTrue(a["id"].startswith("re_"))
+        self.assertEqual((a["object"], a["amount"], a["currency"], a["charge"], a["status"]),
+                         ("refund", 300, "usd", ch["id"], "succeeded"))
+        self.assertEqual((a["idempotency_key"], a["metadata"], a["failure_reason"]),
+                         ("k-r1", {"reason": "damaged"}, None))
+        self.assertIsInstance(a["created"], int)
+        self.assertEqual(self.get_refund(a["id"]), a)
+
+        err = self.refund(ch["id"], 501, code=400)
+        self.assertEqual(err["error"]["code"], "amount_too_large")
+        self.assertEqual((err["charge"]["id"], err["charge"]["amount_refunded"]), (ch["id"], 300))
+        b = self.refund(ch["id"], key="k-r2")  # all that is left
+        self.assertEqual((b["amount"], b["status"], b["metadata"]), (500, "succeeded", {}))
+        err = self.refund(ch["id"], 1, code=400)
+        self.assertEqual(err["error"]["code"], "charge_already_refunded")
+        err = self.refund(ch["id"], code=400)
+        self.assertEqual(err["error"]["code"], "charge_already_refunded")
+        self.assertEqual(self.refund(ch["id"], 0, code=400)["error"]["code"], "parameter_invalid_integer")
+        self.assertEqual(self.refund("ch_nope", 1, code=404)["error"]["message"], "no such charge")
+
+        now = self.in_ledger(ch["id"])
+        self.assertEqual((now["status"], now["amount_captured"], now["amount_refunded"], now["refunded"]),
+                         ("succeeded", 800, 800, True))
+        self.assertEqual([(r["id"], r["status"]) for r in now["refunds"]],
+                         [(a["id"], "succeeded"), (b["id"], "succeeded")])
+        self.assertEqual(self.refund_ops(ch["id"]), [("refund", 300, "succeeded"), ("refund", 500, "succeeded")])
+        self.assertEqual([o.get("refund") for o in now["operations"]], [None, None, a["id"], b["id"]])
+        # The refunds' keys: the refund on /v1/refunds, the charge on /v1/charges.
+        code, got = self.refund_by_key("k-r1")
+        self.assertEqual((code, got), (200, a))
+        code, got = self.by_key("k-r2")
+        self.assertEqual((code, got["id"], got["refunded"]), (200, ch["id"], True))
+
+    def test_a_charge_not_captured_is_not_refundable(self):
+        auth = self.charge(capture=False, amount=500)
+        err = self.refund(auth["id"], 100, code=400, key="k-not-refundable")
+        self.assertEqual((err["error"]["code"], err["charge"]["status"]), ("charge_not_refundable", "requires_capture"))
+        declined = self.charge("pm_card_chargeDeclined")
+        self.assertEqual(self.refund(declined["id"], code=400)["error"]["code"], "charge_not_refundable")
+        self.assertEqual(self.in_ledger(auth["id"])["refunds"], [])
+        self.assertEqual(self.refund_by_key("k-not-refundable")[0], 404)  # no refund was made
+
+    def test_refund_fail_rate_fails_refunds(self):
+        ch = self.charge(amount=700)
+        self.gw.configure(refund_fail_rate=100)
+        re = self.refund(ch["id"], 200, key="k-fail-rate")
+        self.assertEqual((re["status"], re["failure_reason"]), ("failed", "declined"))
+        self.gw.configure(refund_fail_rate=0)
+        now = self.in_ledger(ch["id"])
+        self.assertEqual((now["amount_refunded"], now["refunded"]), (0, False))
+        self.assertEqual(self.refund_ops(ch["id"]), [("refund", 200, "failed")])
+        # A failed refund holds nothing: the whole amount can still be refunded.
+        self.assertEqual(self.refund(ch["id"])["amount"], 700)
+        self.assertEqual(self.in_ledger(ch["id"])["amount_refunded"], 700)
+
+    def test_metadata_fail_true_fails(self):
+        ch = self.charge(amount=700)
+        re = self.refund(ch["id"], 100, metadata={"fail": "true"})
+        self.assertEqual((re["status"], re["failure_reason"]), ("failed", "declined"))
+        self.assertEqual(self.in_ledger(ch["id"])["amount_refunded"], 0)
+
+    def test_cancel_of_a_succeeded_refund_is_refused(self):
+        ch = self.charge(amount=700)
+        re = self.refund(ch["id"], 100)
+        code, err = self.post("/v1/refunds/%s/cancel" % re["id"], {}, key="k-late-cancel")
+        self.assertEqual((code, err["error"]["code"], err["refund"]), (400, "refund_not_cancelable", re))
+        self.assertEqual(self.post("/v1/refunds/%s/cancel" % re["id"], {}, key="k-late-cancel"), (code, err))
+        self.assertEqual(self.post("/v1/refunds/re_nope/cancel", {})[0], 404)
+        self.assertEqual(self.in_ledger(ch["id"])["amount_refunded"], 100)
+
+    def test_timeout_on_refund_still_refunds_once(self):
+        ch = self.charge(amount=600)
+        self.gw.configure(timeout_rate=100)
+        with self.assertRaises(socket.timeout):
+            self.post("/v1/refunds", {"charge": ch["id"], "amount": 250}, key="k-timeout-ref", timeout=0.5)
+        self.gw.configure(timeout_rate=0)
+        now = self.in_ledger(ch["id"])
+        self.assertEqual((now["amount_refunded"], len(now["refunds"])), (250, 1))
+        code, found = self.refund_by_key("k-timeout-ref")
+        self.assertEqual((code, found["status"], found["amount"]), (200, "succeeded", 250))
+        # The retry with the same key gets the first answer and refunds nothing more.
+        code, again = self.post("/v1/refunds", {"charge": ch["id"], "amount": 250}, key="k-timeout-ref")
+        self.assertEqual((code, again), (200, found))
+        now = self.in_ledger(ch["id"])
+        self.assertEqual((now["amount_refunded"], len(now["refunds"])), (250, 1))
+        self.assertEqual(self.refund_ops(ch["id"]), [("refund", 250, "succeeded")])
+
+    def test_async_refund_settles_without_callbacks(self):
+        ch = self.charge(amount=500)
+        self.assertEqual(self.gw.configure(async_refund=True)[0], 200)
+        self.assertEqual(self.gw.configure(async_refund=1)[0], 400)
+        re = self.refund(ch["id"], 200, key="k-poll")
+        self.assertEqual(re["status"], "pending")
+        self.assertEqual(self.in_ledger(ch["id"])["amount_refunded"], 0)
+        wait_for(lambda: self.get_refund(re["id"])["status"] == "succeeded", 5, interval=0.05,
+                 what="the refund to settle")
+        self.assertEqual(self.in_ledger(ch["id"])["amount_refunded"], 200)
+        self.gw.configure(async_refund=False)
+        self.assertEqual(self.refund(ch["id"], 100)["status"], "succeeded")
+
+    def test_reset_forgets_refunds(self):
+        ch = self.charge(amount=500)
+        re = self.refund(ch["id"], 100, key="k-reset-ref")
+        self.assertEqual(self.post("/_reset", {})[0], 200)
+        self.assertEqual(self.gw.request("GET", "/v1/refunds/" + re["id"])[0], 404)
+        self.assertEqual(self.refund_by_key("k-reset-ref")[0], 404)
+
+
+class TestAsyncRefunds(GatewaysimCase):
+    extra = ("--async-refund",)
+
+    def events(self, object_id, count=1):
+        """The raw callbacks about object_id, each checked against its signature."""
+        self.rx.wait(object_id, count)
+        with self.rx.lock:
+            raw = [(e, body, sig) for e, body, sig in self.rx.events if e["data"]["object"]["id"] == object_id]
+        for _, body, sig in raw:
+            self.assertTrue(Receiver.verify(sig, body))
+        return [e for e, _, _ in raw]
+
+    def test_refund_settles_with_both_callbacks(self):
+        ch = self.charge(amount=1000)
+        re = self.refund(ch["id"], 400, key="k-async")
+        self.assertEqual((re["status"], re["amount"]), ("pending", 400))
+        now = self.in_ledger(ch["id"])
+        self.assertEqual((now["amount_refunded"], [r["status"] for r in now["refunds"]]), (0, ["pending"]))
+        # A pending refund holds its amount.
+        self.assertEqual(self.refund(ch["id"], 601, code=400)["error"]["code"], "amount_too_large")
+        self.assertEqual(self.refund_by_key("k-async")[1]["status"], "pending")
+
+        (updated,) = self.events(re["id"])
+        (refunded,) = self.events(ch["id"])
+        self.assertNotEqual(updated["id"], refunded["id"])
+        self.assertEqual(updated["type"], "refund.updated")
+        self.assertEqual(dict(updated["data"]["object"], status="pending"), re)
+        self.assertEqual(updated["data"]["object"]["status"], "succeeded")
+        self.assertEqual(refunded["type"], "charge.refunded")
+        obj = refunded["data"]["object"]
+        self.assertEqual((obj["amount_refunded"], obj["refunded"]), (400, False))
+        self.assertEqual([(r["id"], r["status"]) for r in obj["refunds"]], [(re["id"], "succeeded")])
+
+        self.assertEqual(self.in_ledger(ch["id"])["amount_refunded"], 400)
+        self.assertEqual(self.refund_ops(ch["id"]), [("refund", 400, "pending"), ("refund_settle", 400, "succeeded")])
+        self.assertEqual(self.refund_by_key("k-async")[1]["status"], "succeeded")
+
+    def test_cancel_of_a_pending_refund(self):
+        ch = self.charge(amount=1000)
+        re = self.refund(ch["id"], 1000, key="k-to-cancel")
+        self.assertEqual(self.refund(ch["id"], code=400)["error"]["code"], "charge_already_refunded")
+        code, canceled = self.post("/v1/refunds/%s/cancel" % re["id"], {}, key="k-cancel-ref")
+        self.assertEqual((code, canceled["id"], canceled["status"]), (200, re["id"], "canceled"))
+        self.assertEqual(self.post("/v1/refunds/%s/cancel" % re["id"], {}, key="k-cancel-ref"), (code, canceled))
+        code, err = self.post("/v1/refunds/%s/cancel" % re["id"], {})
+        self.assertEqual((code, err["error"]["code"], err["refund"]["status"]), (400, "refund_not_cancelable", "canceled"))
+        self.assertEqual(self.refund_by_key("k-cancel-ref")[1], canceled)
+        self.assertEqual(self.refund_by_key("k-to-cancel")[1]["status"], "canceled")
+
+        time.sleep((DELAY_MS + 400) / 1000)
+        self.assertEqual((self.rx.of(re["id"]), self.rx.of(ch["id"])), ([], []))
+        now = self.in_ledger(ch["id"])
+        self.assertEqual((now["amount_refunded"], now["refunded"]), (0, False))
+        self.assertEqual(self.refund_ops(ch["id"]), [("refund", 1000, "pending"), ("refund_cancel", 1000, "canceled")])
+
+        # The canceled amount can be refunded again.
+        again = self.refund(ch["id"])
+        self.assertEqual((again["amount"], again["status"]), (1000, "pending"))
+        self.events(again["id"])
+        now = self.in_ledger(ch["id"])
+        self.assertEqual((now["amount_refunded"], now["refunded"]), (1000, True))
+        self.assertEqual([r["status"] for r in now["refunds"]], ["canceled", "succeeded"])
+
+    def test_failing_async_refund_sends_refund_updated_only(self):
+        ch = self.charge(amount=1000)
+        re = self.refund(ch["id"], 300, metadata={"fail": "true"})
+        self.assertEqual(re["status"], "pending")
+        (ev,) = self.events(re["id"])
+        self.assertEqual((ev["type"], ev["data"]["object"]["status"], ev["data"]["object"]["failure_reason"]),
+                         ("refund.updated", "failed", "declined"))
+        time.sleep(0.3)
+        self.assertEqual(self.rx.of(ch["id"]), [])
+        self.assertEqual(self.in_ledger(ch["id"])["amount_refunded"], 0)
+        self.assertEqual(self.refund_ops(ch["id"]), [("refund", 300, "pending"), ("refund_settle", 300, "failed")])
+
+    def test_refund_events_are_duplicated_like_charge_events(self):
+        self.gw.configure(callback_duplicate_rate=100, callback_jitter_ms=100)
+        ch = self.charge(amount=1000)
+        re = self.refund(ch["id"], 100)
+        updated = self.events(re["id"], 2)
+        refunded = self.events(ch["id"], 2)
+        self.assertEqual(updated[0], updated[1])
+        self.assertEqual(refunded[0], refunded[1])
+        self.assertNotEqual(updated[0]["id"], refunded[0]["id"])
+
+    def test_faults_apply_to_refund_cancel(self):
+        ch = self.charge(amount=1000)
+        re = self.refund(ch["id"], 100)
+        self.gw.configure(fail_rate=100)
+        code, body = self.post("/v1/refunds/%s/cancel" % re["id"], {}, key="k-503-cancel")
+        self.assertEqual((code, body["processed"]), (503, False))
+        self.gw.configure(fail_rate=0, reset_rate=100)
+        with self.assertRaises((ConnectionError, http.client.RemoteDisconnected)):
+            self.post("/v1/refunds/%s/cancel" % re["id"], {}, key="k-reset-cancel")
+        self.gw.configure(reset_rate=0)
+        self.assertEqual(self.get_refund(re["id"])["status"], "canceled")  # the reset did it
+        time.sleep((DELAY_MS + 300) / 1000)
+        self.assertEqual(self.rx.of(re["id"]), [])
+        code, body = self.post("/v1/refunds/%s/cancel" % re["id"], {}, key="k-reset-cancel")
+        self.assertEqual((code, body["status"]), (200, "canceled"))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,54 @@ async function main() {
   }
   assert.ok(missing instanceof Stripe.errors.StripeInvalidRequestError);
   assert.strictEqual(missing.statusCode, 404);
+  // Refunds: two partial refunds, list, retrieve, the rest, then too much.
+  const paid = await stripe.paymentIntents.create({
+    amount: 3000, currency: 'usd', payment_method: 'pm_card_visa', confirm: true,
+  });
+  assert.strictEqual(paid.status, 'succeeded');
+  const r1 = await stripe.refunds.create({ payment_intent: paid.id, amount: 1000 });
+  assert.strictEqual(r1.object, 'refund');
+  assert.strictEqual(r1.status, 'succeeded');
+  assert.strictEqual(r1.charge, paid.latest_charge);
+  const r2 = await stripe.refunds.create({
+    charge: paid.latest_charge, amount: 500, reason: 'requested_by_customer', metadata: { n: '2' },
+  });
+  assert.strictEqual(r2.amount, 500);
+  assert.deepStrictEqual(r2.metadata, { n: '2' });
+  const refunds = await stripe.refunds.list({ payment_intent: paid.id });
+  assert.deepStrictEqual(refunds.data.map((r) => r.id), [r2.id, r1.id]); // newest first
+  const again = await stripe.refunds.retrieve(r1.id);
+  assert.strictEqual(again.amount, 1000);
+  const updated = await stripe.refunds.update(r1.id, { metadata: { note: 'x' } });
+  assert.deepStrictEqual(updated.metadata, { note: 'x' });
+  const rest = await stripe.refunds.create({ payment_intent: paid.id });
+  assert.strictEqual(rest.amount, 1500); // what is left
+  const charge = await stripe.charges.retrieve(paid.latest_charge);
+  assert.strictEqual(charge.refunded, true);
+  assert.strictEqual(charge.amount_refunded, 3000);
+  assert.strictEqual(charge.refunds.data.length, 3);
+  const charges = await stripe.charges.list({ payment_intent: paid.id });
+  assert.deepStrictEqual(charges.data.map((c) => c.id), [paid.latest_charge]);
+  let tooMuch = null;
+  try {
+    await stripe.refunds.create({ payment_intent: paid.id, amount: 1 });
+  } catch (err) {
+    tooMuch = err;
+  }
+  assert.ok(tooMuch instanceof Stripe.errors.StripeInvalidRequestError, 'refunding more raises');
+  assert.strictEqual(tooMuch.code, 'charge_already_refunded');
+  const other = await stripe.paymentIntents.create({
+    amount: 800, currency: 'usd', payment_method: 'pm_card_visa', confirm: true,
+  });
+  let tooLarge = null;
+  try {
+    await stripe.refunds.create({ payment_intent: other.id, amount: 801 });
+  } catch (err) {
+    tooLarge = err;
+  }
+  assert.ok(tooLarge instanceof Stripe.errors.StripeInvalidRequestError);
+  assert.strictEqual(tooLarge.code, 'amount_too_large');
+  assert.strictEqual(tooLarge.param, 'amount');
   console.log('stripe client: all checks passed');
 }
 
