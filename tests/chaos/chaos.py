@@ -5,7 +5,10 @@ left stuck or left unannounced.
 
 A load generator sends at least FLOWS create+confirm pairs with unique
 idempotency keys, retrying each failed or timed-out request with the same
-key as a real client does, while a fault script, in one run, kills a random
+key as a real client does, and, on threads of their own, refunds the
+payment of one flow in five once it succeeded (in full, a third, or a third
+and then the rest; by payment or by charge id) the same way, while a fault
+script, in one run, kills a random
 worker every few seconds, kills an api process and the outbox once each,
 makes gatewaysim time out after taking the charge on a share of calls and
 refuse connections for 10 s, restarts Redis, and restarts PostgreSQL (fast
@@ -20,6 +23,13 @@ shutdown). Within SETTLE_S after the faults stop it checks and prints:
 - every state change has exactly one outbox event, and every event reached
   the NNG subscriber and the webhook endpoint, in order per payment (events
   missing, out of order);
+- every refund that got a 2xx exists in PostgreSQL, and one answered
+  succeeded or failed ended so (refunds lost); no payment has more refunded
+  at the gateways than its succeeded refunds in PostgreSQL (refunds doubled),
+  nor less, and amount_refunded agrees with both; no refund is pending
+  anywhere (refunds stuck); nothing is refunded above what was captured; each
+  refund has one refund.created and one final event, and each succeeded one
+  a charge.refunded;
 - /healthz answered throughout; the share of creates answered within 1 s.
 
 Exit status 0 only when every count that must be zero is zero. Run by
@@ -27,8 +37,10 @@ Exit status 0 only when every count that must be zero is zero. Run by
 integration tests (PAYMENTD_BIN, POSTGRES_HOST).
 """
 import collections
+import heapq
 import http.client
 import http.server
+import itertools
 import json
 import os
 import queue
@@ -69,6 +81,13 @@ LATER = {
     "succeeded": {"succeeded"},
     "canceled": {"canceled"},
 }
+# The share of flows whose payment, once succeeded, is refunded (i % 5 == 1:
+# never a declined or 3-D Secure flow), and how: in full, a third, or a
+# third and then the rest.
+REFUND_EVERY, REFUND_SLOT, REFUND_CLIENTS = 5, 1, 4
+REFUND_WAIT_S = 45  # how long a refund waits for its payment to stop processing
+REFUND_FINAL = {"succeeded", "failed", "canceled"}
+REFUND_FINAL_EVENT = {"succeeded": "refund.updated", "canceled": "refund.updated", "failed": "refund.failed"}
 FINAL_EVENT = {"succeeded": "payment_intent.succeeded",
                "requires_payment_method": "payment_intent.payment_failed",
                "requires_action": "payment_intent.requires_action",
@@ -187,6 +206,18 @@ class Load:
         self.next = 0
         self.lock = threading.Lock()
         self.ok = []              # (payment id, status) of every 2xx
+        self.refunds_ok = []      # (refund id, payment id, amount, status) of every 2xx to a refund
+        self.refund_flows = 0
+        self.refund_skipped = collections.Counter()  # flows of the refund slot not refunded, by status
+        self.confirmed = collections.Counter()       # the refund slot's confirm answers, by status
+        # Refunds run on threads of their own from a queue ordered by when
+        # each is due, so that a payment still processing (asked again
+        # every second) holds no thread.
+        self.refunds = []  # heap of (due, seq, flow number, the payment as last seen, give up at)
+        self.refunds_cv = threading.Condition()
+        self.refunds_seq = itertools.count()
+        self.load_done = False
+        self.refunders = [threading.Thread(target=self._refunder, daemon=True) for _ in range(REFUND_CLIENTS)]
         self.create_latency = []  # seconds to the first answer of each create attempt
         self.unexpected = []      # definite 4xx that a correct service never gives here
         self.gave_up = 0
@@ -197,11 +228,16 @@ class Load:
         self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(CLIENTS)]
 
     def start(self):
-        for t in self.threads:
+        for t in self.threads + self.refunders:
             t.start()
 
     def join(self):
         for t in self.threads:
+            t.join()
+        with self.refunds_cv:
+            self.load_done = True
+            self.refunds_cv.notify_all()
+        for t in self.refunders:
             t.join()
 
     def _call(self, path, params, idem):
@@ -239,7 +275,11 @@ class Load:
             if code and 200 <= code < 300:
                 obj = json.loads(body)
                 with self.lock:
-                    self.ok.append((obj["id"], obj["status"]))
+                    if obj.get("object") == "refund":
+                        self.refunds_ok.append((obj["id"], obj.get("payment_intent"), obj.get("amount"),
+                                                obj["status"]))
+                    else:
+                        self.ok.append((obj["id"], obj["status"]))
                 return obj
             if code == 402:  # a decline: a definite answer, the payment is in the error
                 obj = json.loads(body)["error"]["payment_intent"]
@@ -274,8 +314,71 @@ class Load:
                                       {"amount": 1000 + i, "currency": "usd", "payment_method": pm},
                                       "%s-%d-create" % (self.run, i), timed=True)
             if pi:
-                self._until_answered("/v1/payment_intents/%s/confirm" % pi["id"], {},
-                                     "%s-%d-confirm" % (self.run, i))
+                paid = self._until_answered("/v1/payment_intents/%s/confirm" % pi["id"], {},
+                                            "%s-%d-confirm" % (self.run, i))
+                if paid and i % REFUND_EVERY == REFUND_SLOT:
+                    with self.lock:
+                        self.confirmed[paid.get("status")] += 1
+                    self._refund_later(0, i, paid, time.monotonic() + REFUND_WAIT_S)
+
+    def _refund_later(self, delay, i, paid, give_up):
+        with self.refunds_cv:
+            heapq.heappush(self.refunds, (time.monotonic() + delay, next(self.refunds_seq), i, paid, give_up))
+            self.refunds_cv.notify()
+
+    def _refunder(self):
+        while True:
+            with self.refunds_cv:
+                while True:
+                    now = time.monotonic()
+                    if self.refunds and self.refunds[0][0] <= now:
+                        _, _, i, paid, give_up = heapq.heappop(self.refunds)
+                        break
+                    if not self.refunds and self.load_done:
+                        return
+                    self.refunds_cv.wait(min(0.5, self.refunds[0][0] - now) if self.refunds else 0.5)
+            if paid.get("status") == "processing":  # the outcome came after CONFIRM_WAIT_MS
+                now = self._get(paid["id"]) or paid
+                if now.get("status") == "processing" and time.monotonic() < give_up:
+                    self._refund_later(1.0, i, now, give_up)
+                    continue
+                paid = now
+            if paid.get("status") == "succeeded":
+                self._refund(i, paid)
+            else:
+                with self.lock:
+                    self.refund_skipped[paid.get("status")] += 1
+
+    def _get(self, pid):
+        """The payment now, or None."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+        try:
+            conn.request("GET", "/v1/payment_intents/" + pid, headers={"Authorization": "Bearer " + self.key})
+            r = conn.getresponse()
+            code, body = r.status, r.read()
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()
+        return json.loads(body) if code == 200 else None
+
+    def _refund(self, i, pi):
+        """In full, a third, or a third and then the rest; by payment or,
+        every other one, by its charge; each with its own key, retried."""
+        with self.lock:
+            self.refund_flows += 1
+        third = max(1, pi["amount"] // 3)
+        plan = [[None], [third], [third, None]][(i // REFUND_EVERY) % 3]
+        for n, amount in enumerate(plan):
+            params = {"payment_intent": pi["id"]}
+            if (i // REFUND_EVERY) % 2 and pi.get("latest_charge"):
+                params = {"charge": pi["latest_charge"]}
+            if amount:
+                params["amount"] = amount
+            if n == 0 and i % 3 == 0:
+                params["reason"] = "requested_by_customer"
+            if not self._until_answered("/v1/refunds", params, "%s-%d-refund-%d" % (self.run, i, n)):
+                return
 
 
 class Prober:
@@ -370,10 +473,12 @@ def check(servers, account, load, gateways, subscriber, hooks, prober, pd):
     def settled():
         rows = payments()
         pending = servers.sql("SELECT count(*) FROM outbox WHERE account_id = %s AND sent_at IS NULL" % account)
-        return all(s in FINAL for s, _ in rows.values()) and pending[0][0] == "0"
+        refunding = servers.sql("SELECT count(*) FROM refunds WHERE account_id = %s AND status = 'pending'" % account)
+        return all(s in FINAL for s, _ in rows.values()) and pending[0][0] == "0" and refunding[0][0] == "0"
 
     try:
-        wait_for(settled, SETTLE_S, interval=1, what="every payment final and every event published")
+        wait_for(settled, SETTLE_S, interval=1,
+                 what="every payment and refund final and every event published")
     except AssertionError as e:
         log("not settled: %s" % str(e)[:200])
     # Deliveries in flight finish within the webhook timeout.
@@ -408,13 +513,24 @@ def check(servers, account, load, gateways, subscriber, hooks, prober, pd):
     mismatch = sorted(charged ^ succeeded)
 
     events = servers.sql(
-        "SELECT o.event_id, o.aggregate_id, o.type, o.id FROM outbox o WHERE o.account_id = %s ORDER BY o.id" % account)
+        "SELECT o.event_id, o.aggregate_id, o.type, o.id, coalesce(o.payload->'data'->'object'->>'id', ''),"
+        " coalesce(o.payload->'data'->'object'->>'status', '') FROM outbox o WHERE o.account_id = %s ORDER BY o.id"
+        % account)
     by_payment = collections.defaultdict(list)
-    for eid, pid, etype, oid in events:
-        by_payment[pid].append((int(oid), eid, etype))
+    # refund id -> [(type, status)]; ("charge.refunded", payment id) -> [...]
+    refund_events = collections.defaultdict(list)
+    for eid, pid, etype, oid, obj_id, obj_status in events:
+        if etype.startswith("payment_intent."):
+            by_payment[pid].append((int(oid), eid, etype))
+        elif etype == "charge.refunded":
+            refund_events[("charge.refunded", pid)].append((etype, obj_status))
+        elif etype.startswith("refund."):
+            refund_events[obj_id].append((etype, obj_status))
+    # A payment's own attempts; its refunds' are counted with the refunds.
     txns = {r[0]: int(r[1]) for r in servers.sql(
         "SELECT p.public_id, count(t.*) FROM payment_intents p LEFT JOIN payment_transactions t"
-        " ON t.payment_intent_id = p.id WHERE p.account_id = %s GROUP BY p.public_id" % account)}
+        " ON t.payment_intent_id = p.id AND t.type NOT IN ('refund', 'refund_cancel')"
+        " WHERE p.account_id = %s GROUP BY p.public_id" % account)}
     event_mismatch = []
     for pid, (st, _) in rows.items():
         evs = by_payment.get(pid, [])
@@ -440,6 +556,58 @@ def check(servers, account, load, gateways, subscriber, hooks, prober, pd):
             last[pid] = max(last.get(pid, 0), order[eid])
         return missing, disorder, len(received) - len(first)
 
+    # ---- refunds ----
+    money = {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in servers.sql(
+        "SELECT public_id, amount_received, amount_refunded, amount_refund_pending FROM payment_intents"
+        " WHERE account_id = %s" % account)}
+    db_refunds = {r[0]: (r[1], r[2], int(r[3])) for r in servers.sql(
+        "SELECT r.public_id, p.public_id, r.status, r.amount FROM refunds r JOIN payment_intents p"
+        " ON p.id = r.payment_intent_id WHERE r.account_id = %s" % account)}
+    refunds_lost = [(rid, pid, st, db_refunds.get(rid, (None, "missing"))[1])
+                    for rid, pid, _, st in load.refunds_ok
+                    if rid not in db_refunds or (st in REFUND_FINAL and db_refunds[rid][1] != st)]
+    db_refunded = collections.Counter()
+    for rid, (pid, st, amount) in db_refunds.items():
+        if st == "succeeded":
+            db_refunded[pid] += amount
+    gw_refunded = collections.Counter()
+    gw_pending, above_captured = [], []
+    for ch in ledger:
+        pid = (ch.get("idempotency_key") or "").split(":")[0]
+        for x in ch.get("refunds") or []:
+            if x.get("status") == "succeeded":
+                gw_refunded[pid] += x.get("amount") or 0
+            elif x.get("status") == "pending":
+                gw_pending.append((pid, x.get("id")))
+        if (ch.get("amount_refunded") or 0) > (ch.get("amount_captured") or 0):
+            above_captured.append((pid, ch.get("id"), ch.get("amount_captured"), ch.get("amount_refunded")))
+    refunds_doubled = [(pid, gw_refunded[pid], db_refunded[pid]) for pid in sorted(gw_refunded)
+                       if gw_refunded[pid] > db_refunded[pid]]
+    refund_totals = [(pid, gw_refunded[pid], db_refunded[pid], money.get(pid, (0, 0, 0))[1])
+                     for pid in sorted(set(gw_refunded) | set(db_refunded) | {p for p, m in money.items() if m[1]})
+                     if not gw_refunded[pid] == db_refunded[pid] == money.get(pid, (0, 0, 0))[1]
+                     and gw_refunded[pid] <= db_refunded[pid]]
+    refunds_stuck = [("refund", rid, pid) for rid, (pid, st, _) in db_refunds.items() if st == "pending"] + \
+        [("amount_refund_pending", pid, m[2]) for pid, m in money.items() if m[2]] + \
+        [("at the gateway", rid, pid) for pid, rid in gw_pending]
+    above_captured += [(pid, "amount_refunded", m[0], m[1]) for pid, m in money.items() if m[1] > m[0]]
+    refund_event_mismatch = []
+    for rid, (pid, st, _) in db_refunds.items():
+        evs = refund_events.get(rid, [])
+        want = [("refund.created", "pending")] + ([(REFUND_FINAL_EVENT[st], st)] if st in REFUND_FINAL_EVENT else [])
+        if evs != want:
+            refund_event_mismatch.append((rid, pid, st, evs))
+    for pid in sorted({x[0] for x in refunds_doubled + refund_totals} | {x[1] for x in refunds_lost})[:3]:
+        print("  refunds of %s: in PostgreSQL %r; at the gateways %r" % (
+            pid, sorted((rid, st, amount) for rid, (p, st, amount) in db_refunds.items() if p == pid),
+            [(x.get("id"), x.get("amount"), x.get("status"), x.get("idempotency_key")) for ch in ledger
+             if (ch.get("idempotency_key") or "").startswith(pid + ":") for x in ch.get("refunds") or []]))
+    succeeded_refunds = collections.Counter(pid for pid, st, _ in db_refunds.values() if st == "succeeded")
+    for pid in set(succeeded_refunds) | {k[1] for k in refund_events if isinstance(k, tuple)}:
+        n = len(refund_events.get(("charge.refunded", pid), []))
+        if n != succeeded_refunds[pid]:
+            refund_event_mismatch.append((pid, "charge.refunded", n, succeeded_refunds[pid]))
+
     nng_missing, nng_disorder, nng_dups = sink_figures(list(subscriber.events))
     with hooks.lock:
         hook_events = list(hooks.events)
@@ -462,6 +630,17 @@ def check(servers, account, load, gateways, subscriber, hooks, prober, pd):
         ("charged != succeeded", len(mismatch), 0),
         ("stuck (not final)", len(stuck), 0),
         ("state changes without exactly one event", len(event_mismatch), 0),
+        ("refund flows / 2xx answers to refunds", "%d / %d (confirms answered %s; not refunded: %s)" % (
+            load.refund_flows, len(load.refunds_ok), dict(load.confirmed), dict(load.refund_skipped) or "none"),
+         None),
+        ("refunds in PostgreSQL", "%d: %s" % (len(db_refunds), dict(collections.Counter(
+            st for _, st, _ in db_refunds.values()))), None),
+        ("refunds lost (2xx then missing or changed)", len(refunds_lost), 0),
+        ("refunds doubled (gateway > database)", len(refunds_doubled), 0),
+        ("refund totals disagree (gateway/refunds/row)", len(refund_totals), 0),
+        ("refunds stuck (pending after the settle time)", len(refunds_stuck), 0),
+        ("refunded above captured", len(above_captured), 0),
+        ("refund changes without exactly one event", len(refund_event_mismatch), 0),
         ("events missing on NNG", len(nng_missing), 0),
         ("events missing at the webhook", len(hook_missing), 0),
         ("events out of order on NNG", nng_disorder, 0),
@@ -489,6 +668,10 @@ def check(servers, account, load, gateways, subscriber, hooks, prober, pd):
         failed.append("fewer than %d flows" % FLOWS)
     for name, sample in (("lost", lost), ("double", double), ("mismatch", mismatch), ("stuck", stuck),
                          ("events", event_mismatch), ("nng missing", sorted(nng_missing)),
+                         ("refunds lost", refunds_lost), ("refunds doubled", refunds_doubled),
+                         ("refund totals (payment, gateway, refunds, amount_refunded)", refund_totals),
+                         ("refunds stuck", refunds_stuck), ("refunded above captured", above_captured),
+                         ("refund events", refund_event_mismatch),
                          ("webhook missing", sorted(hook_missing)), ("unexpected", load.unexpected),
                          ("server errors and flows given up", load.errors),
                          ("answered after more than 10 s", load.slow)):
@@ -560,7 +743,7 @@ def main():
             print("\nCHAOS FAILED: " + "; ".join(failed))
             print(pd.logs(4000))
             return 1
-        print("\nchaos passed: nothing lost, nothing charged twice, nothing stuck, no event missing")
+        print("\nchaos passed: nothing lost, nothing charged or refunded twice, nothing stuck, no event missing")
         return 0
     finally:
         for f in cleanup:

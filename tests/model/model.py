@@ -14,17 +14,30 @@ on one payment (capture||cancel, capture||capture, confirm||cancel,
 confirm||confirm, the same request twice under one Idempotency-Key),
 re-sends of an earlier request with its key, raw card numbers, expiry forced
 with SQL, retrieves and pauses of 0-2 s so that the gateway's callbacks land
-in between. The next step follows the last status seen, and now and then an
-operation the state does not allow is sent on purpose. A scheduler runs the
+in between. A payment that succeeded gets a few more steps of refunds:
+full and partial ones, by payment or by charge id, 2-4 at once whose sum is
+above what is left to refund, the same refund twice under one key, re-sends,
+refunds that fail at the gateway, cancels of refunds the gateway holds as
+pending (at once, late so as to race the settlement, and two at once; of
+final ones, which must be refused), retrieves, lists and the charge's view,
+and refunds that must be refused and change nothing (of a payment that did
+not succeed, of more than is left, of an unknown payment). The next step
+follows the last status seen, and now and then an operation the state does
+not allow is sent on purpose. A scheduler runs the
 steps of every payment on MODEL_CLIENTS threads (keep-alive connections), so
 that all payments are in flight at once and a pause holds no thread.
 
 Faults: gatewaysim times out on MODEL_TIMEOUT_RATE % of calls after doing
 them; with MODEL_KILLS=1 a random worker is killed (-9) every few seconds and
 an api process once or twice; gatewaysim's callbacks come late, out of order
-and duplicated. Then a quiet period: the faults stop and the checker waits
-(up to 90 s) until no payment is processing, no attempt is pending and
-neither the database nor the ledger has changed for a while.
+and duplicated. gatewaysim's refunds change phase every few seconds
+(MODEL_ASYNC_REFUND unset): answered at once or pending until they settle
+by callback (--async-refund), and with or without a share failing
+(refund_fail_rate). Then a quiet period: the faults stop and the checker
+waits (up to 90 s) until no payment is processing, no attempt or refund is
+pending (async refunds settle after the callback delay; one whose callback
+was lost is re-driven by the sweeps after PROCESSING_LEASE_MS) and neither
+the database nor the ledger has changed for a while.
 
 The rules, per payment (a violation names the payment and the rule, and the
 first payments of each rule are printed with their whole story: the
@@ -61,16 +74,41 @@ events, its gateway callbacks and its charges at the gateway):
                  payments, events or at the gateway
   11 terminal    once an answer showed succeeded or canceled, the payment ends so
   12 expiry      no open payment or authorization left past its expires_at
+  13 refund money  the gateway's succeeded refunds of the payment's charges (and
+                 their amount_refunded) = the sum of its succeeded refunds in
+                 the refunds table = payment_intents.amount_refunded, and never
+                 above amount_received (nor a charge's above its capture)
+  14 refund stuck  amount_refund_pending 0, no refund pending in the database
+                 or at the gateway after the quiet period
+  15 refund fate   every refund in the database has its gateway refund (same
+                 key) in the same state: succeeded as succeeded, a canceled
+                 one canceled there (it refunded nothing), a failed one failed
+                 or never made; no gateway refund without its row; a refund
+                 any answer showed succeeded, failed or canceled ends so; every
+                 refund answered 2xx exists, with the amount answered
+  16 refund events one refund.created per refund, then exactly one refund.updated
+                 (succeeded or canceled) or refund.failed as it ended; one
+                 charge.refunded per succeeded refund
+  17 refund answers a refund of a payment that did not succeed, of more than
+                 is left, or a cancel of a final refund is refused (with
+                 Stripe's code) and changes nothing; a 200 shows the amount
+                 asked for and a refund status; concurrent refunds accepted
+                 never exceed what was captured and not yet refunded; a
+                 succeeded payment's first refund within its capture is not
+                 refused; the charge's view adds up
 
 Environment: MODEL_SEED (random when unset; always printed with the command
 that runs the same programs again), MODEL_N payments (300), MODEL_CLIENTS
 threads (16), MODEL_KILLS (1: kill workers and an api process; 0: no kills),
 MODEL_TIMEOUT_RATE percent (3), MODEL_ASYNC_CAPTURE (0; 1: captures settle by
-callback), MODEL_DETAILS (payments printed in full per rule, 3),
-MODEL_REPORT (a file for the full report; default in the temp directory).
-`--self-test` also pretends one payment's bookkeeping is off by one cent and
-exits 0 only if the checker catches it loudly. Servers: its own PostgreSQL
-and Redis (scripts/lib.sh), gatewaysim and paymentd (PAYMENTD_BIN,
+callback), MODEL_ASYNC_REFUND (unset: phases of both; 1: every refund pends
+and settles by callback; 0: none does), MODEL_REFUND_FAIL_RATE percent
+(unset: phases of 0 and 25), MODEL_DETAILS (payments printed in full per
+rule, 3), MODEL_REPORT (a file for the full report; default in the temp
+directory). `--self-test` also pretends one payment's bookkeeping is off by
+one cent and one succeeded refund of another payment failed, and exits 0
+only if the checker catches them loudly (rule 1; rules 13 and 15). Servers:
+its own PostgreSQL and Redis (scripts/lib.sh), gatewaysim and paymentd (PAYMENTD_BIN,
 PAYMENTD_SOURCE, PAYMENTD_TEST_TMP as for the other tests). Exit status 1
 when any rule is violated.
 """
@@ -139,12 +177,32 @@ RULES = collections.OrderedDict([
     (10, "raw card number accepted or stored"),
     (11, "terminal state did not stay"),
     (12, "expiry not applied"),
+    (13, "refund money: gateway refunded = succeeded refunds = amount_refunded <= amount_received"),
+    (14, "refund stuck: pending after the quiet period"),
+    (15, "refund fate: database and gateway disagree, or an answered outcome changed"),
+    (16, "refund events"),
+    (17, "refund answers"),
 ])
+
+# Refunds: their statuses, the operations that make or touch them (these
+# never change the client's view of the payment's status) and their events.
+RPENDING, RSUCCEEDED, RFAILED, RCANCELED = "pending", "succeeded", "failed", "canceled"
+REFUND_FINAL = (RSUCCEEDED, RFAILED, RCANCELED)
+REFUND_OPS = ("refund", "refund cancel", "refund retrieve", "refund list", "refund update",
+              "charge retrieve", "charge list")
+REFUND_REASONS = ["duplicate", "fraudulent", "requested_by_customer"]
+# The event a refund's last change writes, by the status it ended in.
+REFUND_FINAL_EVENT = {RSUCCEEDED: "refund.updated", RCANCELED: "refund.updated", RFAILED: "refund.failed"}
 
 
 def env_int(name, default):
     v = os.environ.get(name)
     return int(v) if v not in (None, "") else default
+
+
+def env_opt_int(name):
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else None
 
 
 def log(msg):
@@ -307,6 +365,32 @@ class Answer:
         return pi.get("status") if pi else None
 
     @property
+    def refund(self):
+        """The refund a 2xx answer shows (a create, retrieve, update or cancel)."""
+        o = self.obj
+        if self.code == 200 and isinstance(o, dict) and o.get("object") == "refund":
+            return o
+        return None
+
+    def refunds_shown(self):
+        """Every refund the answer shows: itself, a list's, a charge's."""
+        o = self.obj
+        if self.code != 200 or not isinstance(o, dict):
+            return []
+        if o.get("object") == "refund":
+            return [o]
+        items = []
+        if o.get("object") == "list":
+            for x in o.get("data") or []:
+                if isinstance(x, dict) and x.get("object") == "refund":
+                    items.append(x)
+                elif isinstance(x, dict) and x.get("object") == "charge":
+                    items += ((x.get("refunds") or {}).get("data") or [])
+        elif o.get("object") == "charge":
+            items = (o.get("refunds") or {}).get("data") or []
+        return [x for x in items if isinstance(x, dict)]
+
+    @property
     def err_code(self):
         o = self.obj
         if isinstance(o, dict) and isinstance(o.get("error"), dict):
@@ -321,7 +405,15 @@ class Answer:
         if self.code is None:
             return "no answer (%s)" % self.error
         s = str(self.code)
-        if self.status:
+        o = self.obj if isinstance(self.obj, dict) else {}
+        if self.refund:
+            s += " refund %s %s %s" % (o.get("id"), o.get("amount"), o.get("status"))
+        elif self.code == 200 and o.get("object") == "list":
+            s += " list of %d" % len(o.get("data") or [])
+        elif self.code == 200 and o.get("object") == "charge":
+            s += " charge %s captured %s refunded %s" % (o.get("id"), o.get("amount_captured"),
+                                                         o.get("amount_refunded"))
+        elif self.status:
             s += " " + self.status
         elif self.err_code:
             s += " " + self.err_code
@@ -418,6 +510,13 @@ class Pay:
         self.violations = []         # (rule, message) seen while running
         self.nkey = 0
         self.pairs = 0
+        # Refunds: what the client knows of them.
+        self.received = 0            # amount_received, as the last answer showed it
+        self.latest_charge = None
+        self.refund_seen = collections.defaultdict(list)  # refund id -> [(op, status, amount, replayed)]
+        self.refunds_sent = 0        # refund creates sent (a re-send not counted)
+        self.refund_lost = False     # a refund create got no definite answer
+        self.refund_bonus = False    # the extra refund steps were drawn
 
     # ---- recording ----
 
@@ -447,10 +546,14 @@ class Pay:
 
     def observe(self, op, a):
         """Updates the client's view from an answer (replays show the past)."""
+        if op in REFUND_OPS:
+            return  # refunds never change the payment's status: observe_refund
         if a.replayed:
             return
         pi = a.pi
         if pi:
+            self.received = pi.get("amount_received") or 0
+            self.latest_charge = pi.get("latest_charge") or self.latest_charge
             self.status = pi.get("status")
             self.amount = pi.get("amount", self.amount)
             self.capturable = pi.get("amount_capturable") or 0
@@ -484,7 +587,9 @@ class Pay:
                 break
             time.sleep(delays.pop(0))
             tries.append((tag + " " if tag else "") + "retry")
-        if observe:
+        if op in REFUND_OPS:
+            self.observe_refund(op, a)
+        elif observe:
             self.observe(op, a)
         if key and a.definite and method == "POST":
             self.keyed.append((op, method, path, params, key, a))
@@ -493,6 +598,15 @@ class Pay:
     def path(self, suffix=""):
         return "/v1/payment_intents/%s%s" % (self.pid, suffix)
 
+    def observe_refund(self, op, a):
+        """Records every refund an answer shows (replays too: a final status
+        once shown must stay)."""
+        for x in a.refunds_shown():
+            if x.get("payment_intent") not in (None, self.pid):
+                self.flag(17, "%s answered refund %s of payment %s" % (op, x.get("id"), x.get("payment_intent")))
+                continue
+            with self.lock:
+                self.refund_seen[x.get("id")].append((op, x.get("status"), x.get("amount"), a.replayed))
     def pick_pm(self):
         kinds, weights = zip(*PM_WEIGHTS)
         return PMS[self.rng.choices(kinds, weights)[0]]
@@ -533,11 +647,11 @@ class Pay:
         RPM: [("confirm_pm", 6), ("confirm_nopm", 1.2), ("update_meta", 1), ("update_amount", 1),
               ("update_pm", 0.6), ("cancel", 1.5), ("confirm_then_cancel", 1), ("pair_confirm_cancel", 1),
               ("pair_confirm_confirm", 1), ("same_key_pair", 0.4), ("capture", 0.4), ("resend", 1),
-              ("rawcard", 0.4), ("expire", 0.5), ("retrieve", 0.4)],
+              ("rawcard", 0.4), ("expire", 0.5), ("retrieve", 0.4), ("refund_illegal", 0.3)],
         RC: [("confirm_nopm", 5), ("confirm_pm", 2), ("update_meta", 1), ("update_amount", 1),
              ("cancel", 1.5), ("confirm_then_cancel", 1), ("pair_confirm_cancel", 1),
              ("pair_confirm_confirm", 1), ("same_key_pair", 0.4), ("capture", 0.4), ("resend", 1),
-             ("rawcard", 0.4), ("expire", 0.5), ("retrieve", 0.3)],
+             ("rawcard", 0.4), ("expire", 0.5), ("retrieve", 0.3), ("refund_illegal", 0.3)],
         RA: [("confirm_pm", 4), ("confirm_nopm", 2.5), ("cancel", 2.5), ("update_amount", 1),
              ("update_meta", 0.7), ("capture", 0.4), ("confirm_then_cancel", 1), ("pair_confirm_cancel", 1.2),
              ("pair_confirm_confirm", 1.5), ("wait", 2), ("expire", 0.8), ("resend", 1), ("rawcard", 0.3),
@@ -546,16 +660,27 @@ class Pay:
                      ("resend", 0.5)],
         RCAP: [("capture_full", 3), ("capture_partial", 2.5), ("capture_too_much", 0.4), ("cancel", 2.5),
                ("pair_capture_cancel", 2), ("pair_capture_capture", 1.5), ("expire", 1), ("update_meta", 0.5),
-               ("confirm_pm", 0.4), ("resend", 1), ("retrieve", 0.3), ("rawcard", 0.2)],
+               ("confirm_pm", 0.4), ("resend", 1), ("retrieve", 0.3), ("rawcard", 0.2), ("refund_illegal", 0.6)],
         SUCCEEDED: [("capture", 1), ("cancel", 1), ("confirm_pm", 0.8), ("update_meta", 0.7), ("resend", 1.5),
-                    ("retrieve", 0.5), ("rawcard", 0.3)],
+                    ("retrieve", 0.5), ("rawcard", 0.3),
+                    ("refund_partial", 3.5), ("refund_full", 0.8), ("refund_by_charge", 1.2),
+                    ("refund_concurrent", 1.2), ("refund_same_key", 0.4), ("refund_then_cancel", 2),
+                    ("refund_cancel_twice", 0.6), ("refund_cancel_final", 0.4), ("refund_fail", 0.6),
+                    ("refund_too_much", 0.6), ("refund_unknown", 0.2), ("refund_resend", 1), ("refund_read", 1),
+                    ("refund_update", 0.3)],
         CANCELED: [("capture", 1), ("cancel", 1), ("confirm_pm", 0.8), ("update_meta", 0.7), ("resend", 1.5),
-                   ("retrieve", 0.5), ("rawcard", 0.3)],
+                   ("retrieve", 0.5), ("rawcard", 0.3), ("refund_illegal", 0.8)],
         UNKNOWN: [("retrieve", 4), ("resend", 1)],
     }
 
     def step(self):
         """Runs one step; returns the pause before the next, or None when done."""
+        if self.status == SUCCEEDED and not self.refund_bonus and self.m.refunds:
+            self.refund_bonus = True  # a few more steps: refunds
+            if self.rng.random() < 0.75:
+                extra = self.rng.randint(2, 5)
+                self.steps_total += extra
+                self.note("succeeded: %d more steps for refunds" % extra)
         if self.steps_done >= self.steps_total:
             return None
         self.steps_done += 1
@@ -565,6 +690,8 @@ class Pay:
             self.a_create()
             return self.pause()
         weights = self.WEIGHTS.get(self.status, self.WEIGHTS[UNKNOWN])
+        if not self.m.refunds:  # a build without refunds
+            weights = [(n, x) for n, x in weights if not n.startswith("refund")]
         names, w = zip(*weights)
         action = self.rng.choices(names, w)[0]
         self.m.count_step(action)
@@ -807,6 +934,323 @@ class Pay:
             self.flag(10, "%s with a raw card number answered %s (must be 400)" % (variant, a.short()))
         self.m.count_step("rawcard:" + variant)
 
+    # ---- refunds ----
+
+    def refund_state(self):
+        """What the client knows: (amount still refundable as far as the
+        answers tell, the sum of refunds known to have succeeded, {refund
+        id: the final status an answer showed})."""
+        with self.lock:
+            held = succeeded = 0
+            finals = {}
+            for rid, seen in self.refund_seen.items():
+                fin = [st for _, st, _, _ in seen if st in REFUND_FINAL]
+                st = fin[-1] if fin else RPENDING
+                amount = seen[-1][2] or 0
+                if fin:
+                    finals[rid] = st
+                if st in (RPENDING, RSUCCEEDED):
+                    held += amount
+                if st == RSUCCEEDED:
+                    succeeded += amount
+            return (self.received or 0) - held, succeeded, finals
+
+    def pick_reason(self):
+        return self.rng.choice(REFUND_REASONS) if self.rng.random() < 0.3 else None
+
+    def partial_amount(self, left):
+        return self.rng.randint(1, max(1, left // 2)) if left > 1 else 1
+
+    def refund(self, amount=None, by_charge=False, tag="", fresh=False, key=None, keyed=False, reason=None,
+               meta=None, expect=None):
+        """POST /v1/refunds (by payment, or by the payment's charge). expect:
+        None for a refund that may be made, or the error codes the request
+        must be refused with."""
+        params = {}
+        if by_charge and self.latest_charge:
+            params["charge"] = self.latest_charge
+        else:
+            params["payment_intent"] = self.pid
+        if amount is not None:
+            params["amount"] = amount
+        if reason:
+            params["reason"] = reason
+        for k, v in (meta or {}).items():
+            params["metadata[%s]" % k] = v
+        with self.lock:
+            first = self.refunds_sent == 0
+            self.refunds_sent += 1
+        before, received = self.status, self.received
+        a = self.send("refund", "POST", "/v1/refunds", params, keyed=keyed, key=key, tag=tag, fresh=fresh,
+                      retries=0 if fresh else 4)
+        if not a.definite:
+            with self.lock:
+                self.refund_lost = True
+        if a.replayed or not a.definite:
+            return a
+        r = a.refund
+        if expect is not None or before in (RPM, RC, RCAP, CANCELED):
+            codes = expect or ("charge_not_refundable",)
+            if a.code == 200:
+                self.flag(17, "refund %s answered %s although it must be refused (%s; the payment was %s)"
+                          % (fmt_params(params), a.short(), "/".join(codes), before))
+            elif a.err_code not in codes:
+                self.flag(17, "refund %s answered %s, not %s (the payment was %s)"
+                          % (fmt_params(params), a.short(), "/".join(codes), before))
+            elif a.err_code == "amount_too_large" and (a.obj or {}).get("error", {}).get("param") != "amount":
+                self.flag(17, "amount_too_large names param %r, not amount"
+                          % (a.obj or {}).get("error", {}).get("param"))
+            return a
+        if r:
+            if amount is not None and r.get("amount") != amount:
+                self.flag(17, "refund of %d answered a refund of %s" % (amount, r.get("amount")))
+            if r.get("payment_intent") != self.pid or ("charge" in params and r.get("charge") != params["charge"]):
+                self.flag(17, "refund %s answered a refund of payment %s, charge %s"
+                          % (fmt_params(params), r.get("payment_intent"), r.get("charge")))
+            if r.get("status") not in (RPENDING, RSUCCEEDED, RFAILED):
+                self.flag(17, "a new refund answered status %s" % r.get("status"))
+            if received and (r.get("amount") or 0) > received:
+                self.flag(17, "a refund of %s answered 200; the payment received %d" % (r.get("amount"), received))
+        elif a.code == 400 and before == SUCCEEDED:
+            if a.err_code not in ("amount_too_large", "charge_already_refunded"):
+                self.flag(17, "refund %s of a succeeded payment answered %s" % (fmt_params(params), a.short()))
+            elif first and not fresh and (amount or 0) <= received:
+                self.flag(17, "the first refund (%s) of a payment that received %d was refused: %s"
+                          % (fmt_params(params), received, a.short()))
+        elif a.code == 404:
+            self.flag(17, "refund %s answered 404 for an existing payment" % fmt_params(params))
+        return a
+
+    def refund_snapshot(self):
+        """(refunds of the payment, amount_refunded + amount_refund_pending)
+        in the database, or None."""
+        try:
+            out = self.m.db.sql("SELECT (SELECT count(*) FROM refunds r WHERE r.payment_intent_id = p.id),"
+                                " amount_refunded + amount_refund_pending FROM payment_intents p"
+                                " WHERE public_id = '%s'" % self.pid)
+            n, held = out.split("|")
+            return int(n), int(held)
+        except Exception:  # checked only when it can be
+            return None
+
+    def refused_changed_nothing(self, what, before, a):
+        """A refused refund made no refund and held nothing (with none of
+        ours whose answer was lost still possibly on its way)."""
+        if before is None or a.code == 200 or self.refund_lost:
+            return
+        after = self.refund_snapshot()
+        if after is None:
+            return
+        if after[0] != before[0] or after[1] > before[1]:
+            self.flag(17, "%s was refused (%s) but the payment's refunds went from %d to %d and what is refunded "
+                          "or held from %d to %d" % (what, a.short(), before[0], after[0], before[1], after[1]))
+
+    def a_refund_full(self):
+        self.refund(tag="full", keyed=self.rng.random() < 0.85, reason=self.pick_reason())
+
+    def a_refund_partial(self):
+        left, _, _ = self.refund_state()
+        self.refund(self.partial_amount(left), tag="partial", keyed=self.rng.random() < 0.85,
+                    reason=self.pick_reason())
+
+    def a_refund_by_charge(self):
+        left, _, _ = self.refund_state()
+        amount = None if self.rng.random() < 0.4 else self.partial_amount(left)
+        self.refund(amount, by_charge=True, tag="by charge", keyed=self.rng.random() < 0.85,
+                    reason=self.pick_reason())
+
+    def a_refund_fail(self):
+        left, _, _ = self.refund_state()
+        self.refund(self.partial_amount(left), tag="fail=true", keyed=self.rng.random() < 0.85,
+                    meta={"fail": "true"})
+
+    def a_refund_too_much(self):
+        base = self.received or self.amount or 100
+        amount = base + self.rng.randint(1, 1000)
+        by_charge = self.rng.random() < 0.3
+        before = self.refund_snapshot()
+        a = self.refund(amount, by_charge=by_charge, tag="too much", keyed=self.rng.random() < 0.7,
+                        expect=("amount_too_large", "charge_already_refunded"))
+        self.refused_changed_nothing("a refund of %d (received %d)" % (amount, base), before, a)
+
+    def a_refund_unknown(self):
+        """Of a payment or charge that does not exist: 404, nothing made."""
+        by_charge = self.rng.random() < 0.5
+        params = {"charge": "ch_model_none_%d" % self.idx} if by_charge else \
+            {"payment_intent": "pi_model_none_%d" % self.idx}
+        a = self.send("refund", "POST", "/v1/refunds", params, keyed=self.rng.random() < 0.5, tag="unknown")
+        if a.definite and not a.replayed and (a.code != 404 or a.err_code != "resource_missing"):
+            self.flag(17, "refund of %s answered %s, not 404 resource_missing" % (fmt_params(params), a.short()))
+
+    def a_refund_illegal(self):
+        """A refund of a payment that did not succeed: charge_not_refundable."""
+        by_charge = self.latest_charge is not None and self.rng.random() < 0.4
+        amount = None if self.rng.random() < 0.5 else self.rng.randint(1, max(1, self.amount or 100))
+        before = self.refund_snapshot()
+        a = self.refund(amount, by_charge=by_charge, tag="illegal (%s)" % self.status,
+                        keyed=self.rng.random() < 0.7, expect=("charge_not_refundable",))
+        self.refused_changed_nothing("a refund of a payment that was %s" % self.status, before, a)
+
+    def a_refund_concurrent(self):
+        """2-4 refunds of one payment at once, their sum above what is left:
+        what is accepted never exceeds it."""
+        left, succeeded, _ = self.refund_state()
+        n = self.rng.randint(2, 4)
+        low = max(0, left) // n + 1  # n of them at least: more than is left
+        amounts = [None if self.rng.random() < 0.15 else self.rng.randint(low, max(low, left * 3 // 4))
+                   for _ in range(n)]
+        keys = [self.new_key("refund") if self.rng.random() < 0.8 else None for _ in range(n)]
+        by_charge = [self.rng.random() < 0.3 for _ in range(n)]
+        received = self.received
+        results = self.pair("refund x%d" % n, [
+            (lambda tag, i=i: self.refund(amounts[i], by_charge=by_charge[i], tag=tag, fresh=True, key=keys[i]))
+            for i in range(n)])
+        accepted = [a.refund for a in results if a is not None and a.refund and not a.replayed
+                    and a.refund.get("status") in (RPENDING, RSUCCEEDED)]
+        total = sum(r.get("amount") or 0 for r in accepted)
+        if received and total > received - succeeded:
+            self.flag(17, "%d concurrent refunds accepted %d in all (%s); the payment received %d and %d of it "
+                          "was refunded before" % (len(accepted), total, ", ".join(
+                              "%s %s" % (r.get("id"), r.get("amount")) for r in accepted), received, succeeded))
+
+    def a_refund_same_key(self):
+        """The same refund twice at once under one key: one refund."""
+        left, _, _ = self.refund_state()
+        amount = self.partial_amount(left)
+        key = self.new_key("refund")
+        a, b = self.pair("refund same key twice", [
+            lambda tag: self.refund(amount, tag=tag, fresh=True, key=key),
+            lambda tag: self.refund(amount, tag=tag, fresh=True, key=key)])
+        if a and b:
+            self.resends.append(("refund", key, a, b, "concurrent"))
+            if a.refund and b.refund and a.refund.get("id") != b.refund.get("id"):
+                self.flag(8, "one refund twice at once under key %s made two refunds: %s and %s"
+                          % (key, a.refund.get("id"), b.refund.get("id")))
+
+    def refund_cancel(self, rid, tag="", final=None, key=None, keyed=None, fresh=False):
+        """POST /v1/refunds/:id/cancel; final: the status an answer showed
+        it in (then it must be refused)."""
+        if keyed is None and key is None:
+            keyed = self.rng.random() < 0.7
+        a = self.send("refund cancel", "POST", "/v1/refunds/%s/cancel" % rid, {}, keyed=keyed, key=key, tag=tag,
+                      fresh=fresh, retries=0 if fresh else 4)
+        if a.replayed or not a.definite:
+            return a
+        if final:
+            if a.code != 400 or a.err_code != "refund_not_cancelable":
+                self.flag(17, "cancel of refund %s, which an answer showed %s, answered %s (must be 400 "
+                              "refund_not_cancelable)" % (rid, final, a.short()))
+        elif a.code == 200:
+            if not a.refund or a.refund.get("id") != rid:
+                self.flag(17, "cancel of refund %s answered %s" % (rid, a.short()))
+        elif a.code != 400 or a.err_code != "refund_not_cancelable":
+            self.flag(17, "cancel of refund %s answered %s" % (rid, a.short()))
+        return a
+
+    def a_refund_then_cancel(self):
+        """A refund, then its cancel: while the gateway holds it pending
+        (async refunds) it may be canceled; a final one may not."""
+        left, _, _ = self.refund_state()
+        a = self.refund(self.partial_amount(left), tag="then cancel", keyed=self.rng.random() < 0.85)
+        r = a.refund
+        if not r or a.replayed:
+            return
+        if r.get("status") == RPENDING:
+            # At once, or about when the gateway settles it (its callback
+            # delay): the cancel races the settlement and its callback.
+            late = self.rng.random() < 0.4
+            time.sleep(self.rng.uniform(0.45, 0.95) if late else self.rng.uniform(0, 0.15))
+            self.refund_cancel(r["id"], tag="while pending" + (", late" if late else ""))
+        else:
+            self.refund_cancel(r["id"], tag="after %s" % r.get("status"), final=r.get("status"))
+
+    def a_refund_cancel_twice(self):
+        """Two cancels of one pending refund at once: at most one is taken."""
+        left, _, _ = self.refund_state()
+        a = self.refund(self.partial_amount(left), tag="then cancel twice", keyed=self.rng.random() < 0.85)
+        r = a.refund
+        if not r or a.replayed or r.get("status") != RPENDING:
+            return
+        rid = r["id"]
+        keys = [self.new_key("refund_cancel") if self.rng.random() < 0.7 else None for _ in range(2)]
+        x, y = self.pair("refund cancel||cancel", [
+            lambda tag: self.refund_cancel(rid, tag=tag, key=keys[0], keyed=False, fresh=True),
+            lambda tag: self.refund_cancel(rid, tag=tag, key=keys[1], keyed=False, fresh=True)])
+        if x and y and x.code == 200 and y.code == 200 and not x.replayed and not y.replayed:
+            self.flag(17, "two concurrent cancels of refund %s both answered 200 (%s / %s)" % (rid, x.short(),
+                                                                                           y.short()))
+
+    def a_refund_cancel_final(self):
+        _, _, finals = self.refund_state()
+        if not finals:
+            return self.a_refund_read()
+        rid = self.rng.choice(sorted(finals))
+        self.refund_cancel(rid, tag="of a %s refund" % finals[rid], final=finals[rid])
+
+    def a_refund_resend(self):
+        mine = [k for k in self.keyed if k[0].startswith("refund")]
+        if not mine:
+            return self.a_refund_read()
+        op, method, path, params, key, first = self.rng.choice(mine)
+        a = self.send(op, method, path, params, key=key, retries=0, tag="re-send of %s" % key)
+        self.resends.append((op, key, first, a, "re-send"))
+        self.m.count_step("resend:" + op)
+
+    def check_charge_view(self, ch, op):
+        """A charge as the API shows it adds up with its refunds."""
+        refs = (ch.get("refunds") or {}).get("data") or []
+        succ = sum(r.get("amount") or 0 for r in refs if r.get("status") == RSUCCEEDED)
+        captured, refunded = ch.get("amount_captured") or 0, ch.get("amount_refunded")
+        if refunded != succ or refunded > captured or \
+                bool(ch.get("refunded")) != (captured > 0 and refunded >= captured):
+            self.flag(17, "%s: charge %s shows amount_captured %s, amount_refunded %s, refunded %s, succeeded "
+                          "refunds %d" % (op, ch.get("id"), captured, refunded, ch.get("refunded"), succ))
+
+    def a_refund_read(self):
+        with self.lock:
+            known = sorted(rid for rid, seen in self.refund_seen.items()
+                           if any(op == "refund" and not rep for op, _, _, rep in seen))
+        what = self.rng.choice(["retrieve", "list", "list by charge", "charge", "charges"])
+        if what == "retrieve" and known:
+            rid = self.rng.choice(known)
+            a = self.send("refund retrieve", "GET", "/v1/refunds/" + rid, None, keyed=False)
+            if a.definite and not a.refund:
+                self.flag(17, "GET /v1/refunds/%s answered %s" % (rid, a.short()))
+        elif what in ("list", "list by charge", "retrieve"):
+            params = {"limit": 100}
+            if what == "list by charge" and self.latest_charge:
+                params["charge"] = self.latest_charge
+            else:
+                params["payment_intent"] = self.pid
+            a = self.send("refund list", "GET", "/v1/refunds", params, keyed=False)
+            if a.code == 200:
+                listed = {x.get("id") for x in a.refunds_shown()}
+                missing = [rid for rid in known if rid not in listed]
+                if missing:
+                    self.flag(15, "refunds answered 200 are missing from GET /v1/refunds?%s: %s"
+                              % (fmt_params(params), ", ".join(missing)))
+        elif what == "charge" and self.latest_charge:
+            a = self.send("charge retrieve", "GET", "/v1/charges/" + self.latest_charge, None, keyed=False)
+            if a.code == 200:
+                self.check_charge_view(a.obj, "GET /v1/charges/:id")
+        else:
+            a = self.send("charge list", "GET", "/v1/charges", {"payment_intent": self.pid}, keyed=False)
+            if a.code == 200:
+                for ch in (a.obj or {}).get("data") or []:
+                    self.check_charge_view(ch, "GET /v1/charges?payment_intent=")
+
+    def a_refund_update(self):
+        with self.lock:
+            known = sorted(self.refund_seen)
+        if not known:
+            return self.a_refund_read()
+        rid = self.rng.choice(known)
+        params = {"metadata[note]": "n%d" % self.rng.randint(0, 999)}
+        a = self.send("refund update", "POST", "/v1/refunds/" + rid, params, keyed=self.rng.random() < 0.5)
+        if a.definite and not a.replayed and (not a.refund or (a.refund.get("metadata") or {}).get("note")
+                                              != params["metadata[note]"]):
+            self.flag(17, "metadata update of refund %s answered %s" % (rid, a.short()))
+
 
 # -------------------------------------------------------------- the model --
 
@@ -824,6 +1268,8 @@ class Model:
         self.requests = 0
         self.faults_log = []
         self.kills = collections.Counter()
+        self.refunds = True          # this build has refunds (the refunds table)
+        self.refund_phases = []      # (seconds since the drive began, gatewaysim's refund settings)
 
     def count(self, op, a):
         with self.lock:
@@ -921,6 +1367,34 @@ class Model:
                     log("fault: kill -9 %s/%d (pid %d)" % (role, v["index"], v["pid"]))
             except (AssertionError, OSError) as e:
                 log("fault: could not kill a %s: %s" % (role, e))
+
+
+    # ---- refund phases ----
+
+    def refund_modes(self, gw, stop):
+        """Switches gatewaysim's refunds every REFUND_PHASE_S: answered at
+        once or pending until they settle (async_refund), with or without a
+        share failing (refund_fail_rate), as far as the options leave open."""
+        o = self.opts
+        start = time.monotonic()
+        i = 0
+        while True:
+            cfg = {}
+            if o.async_refund is None:
+                cfg["async_refund"] = i % 2 == 1
+            if o.refund_fail_rate is None:
+                cfg["refund_fail_rate"] = 25 if (i // 2) % 2 == 1 else 0
+            if not cfg:
+                return
+            try:
+                code, _ = gw.configure(**cfg)
+                if code == 200:
+                    self.refund_phases.append((round(time.monotonic() - start, 1), cfg))
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                log("refund phase: gatewaysim did not take %s: %s" % (cfg, e))
+            i += 1
+            if stop.wait(REFUND_PHASE_S):
+                return
 
 
 # ----------------------------------------------------------------- checks --
@@ -1037,6 +1511,106 @@ def check_payment(row, prog, charges, events, txns, rows_for_idx):
     return out
 
 
+def check_refunds(row, prog, charges, refund_rows, revents):
+    """Rules 13-16 for one payment: its refunds in the database, at the
+    gateway (the refunds of its charges in the ledger), in the answers and
+    in the outbox."""
+    out = []
+    received, refunded = row["amount_received"] or 0, row["amount_refunded"] or 0
+    held = row.get("amount_refund_pending") or 0
+    gw_refunds = [x for c in charges for x in c.get("refunds") or []]
+    # 13 money
+    gw_succ = sum(x.get("amount") or 0 for x in gw_refunds if x.get("status") == RSUCCEEDED)
+    gw_charge_refunded = sum(c.get("amount_refunded") or 0 for c in charges)
+    db_succ = sum(r["amount"] for r in refund_rows if r["status"] == RSUCCEEDED)
+    if not gw_succ == gw_charge_refunded == db_succ == refunded:
+        out.append((13, "refunded: %d by the gateway's succeeded refunds (its charges' amount_refunded %d), %d by "
+                        "the succeeded refunds in the refunds table, amount_refunded %d"
+                    % (gw_succ, gw_charge_refunded, db_succ, refunded)))
+    if refunded > received or gw_succ > received:
+        out.append((13, "refunded %d (gateway %d) of amount_received %d" % (refunded, gw_succ, received)))
+    for c in charges:
+        if (c.get("amount_refunded") or 0) > (c.get("amount_captured") or 0):
+            out.append((13, "charge %s: refunded %s of %s captured" % (c["id"], c.get("amount_refunded"),
+                                                                      c.get("amount_captured"))))
+    # 14 stuck
+    if held:
+        out.append((14, "amount_refund_pending %d after the quiet period" % held))
+    pend = [r["id"] for r in refund_rows if r["status"] == RPENDING]
+    if pend:
+        out.append((14, "refund(s) %s still pending" % ", ".join(pend)))
+    gw_pend = [x.get("id") for x in gw_refunds if x.get("status") == RPENDING]
+    if gw_pend:
+        out.append((14, "refund(s) %s still pending at the gateway" % ", ".join(gw_pend)))
+    # 15 the database's refunds and the gateway's
+    by_key = collections.defaultdict(list)
+    for x in gw_refunds:
+        by_key[x.get("idempotency_key")].append(x)
+    rows_by_id = {r["id"]: r for r in refund_rows}
+    for r in refund_rows:
+        g = by_key.get(r["key"], [])
+        if len(g) > 1:
+            out.append((15, "refund %s: %d gateway refunds under its key %s (%s)"
+                        % (r["id"], len(g), r["key"], ", ".join("%s %s" % (x.get("id"), x.get("status")) for x in g))))
+            continue
+        gst = g[0].get("status") if g else None
+        fine = {RSUCCEEDED: (RSUCCEEDED,), RFAILED: (None, RFAILED), RCANCELED: (RCANCELED,),
+                RPENDING: (None, RPENDING)}.get(r["status"], ())
+        if gst not in fine:
+            out.append((15, "refund %s (%d) is %s, its gateway refund %s" % (
+                r["id"], r["amount"], r["status"], "%s is %s" % (g[0].get("id"), gst) if g else "does not exist")))
+        elif g and g[0].get("amount") != r["amount"]:
+            out.append((15, "refund %s of %d, its gateway refund %s of %s" % (r["id"], r["amount"], g[0].get("id"),
+                                                                            g[0].get("amount"))))
+    for k, g in by_key.items():
+        if k not in {r["key"] for r in refund_rows}:
+            out.append((15, "gateway refund(s) %s under key %s, which is no refund of the payment"
+                        % (", ".join("%s %s %s" % (x.get("id"), x.get("amount"), x.get("status")) for x in g), k)))
+    if prog is not None:
+        with prog.lock:
+            seen = {rid: list(v) for rid, v in prog.refund_seen.items()}
+        for rid, answers in seen.items():
+            r = rows_by_id.get(rid)
+            if r is None:
+                out.append((15, "refund %s answered 2xx (%s) is not in the refunds table"
+                            % (rid, ", ".join("%s: %s" % (op, st) for op, st, _, _ in answers[:3]))))
+                continue
+            finals = []
+            for op, st, amount, _ in answers:
+                if st in REFUND_FINAL and st not in finals:
+                    finals.append(st)
+                if amount != r["amount"]:
+                    out.append((15, "%s answered refund %s of %s, it is of %d" % (op, rid, amount, r["amount"])))
+                    break
+            if len(finals) > 1 or (finals and r["status"] != finals[0]):
+                out.append((15, "answers showed refund %s %s, it ended %s" % (rid, " then ".join(finals), r["status"])))
+    # 16 events
+    for r in refund_rows:
+        mine = [e for e in revents if e["oid"] == r["id"]]
+        created = [e for e in mine if e["type"] == "refund.created"]
+        ends = [e for e in mine if e["type"] in ("refund.updated", "refund.failed")]
+        if len(created) != 1:
+            out.append((16, "refund %s has %d refund.created events" % (r["id"], len(created))))
+        want = REFUND_FINAL_EVENT.get(r["status"])
+        if want is None:
+            if ends:
+                out.append((16, "refund %s is %s but has %s" % (r["id"], r["status"], [e["type"] for e in ends])))
+        elif len(ends) != 1 or ends[0]["type"] != want or ends[0]["status"] != r["status"]:
+            out.append((16, "refund %s ended %s; its events after refund.created: %s (want one %s %s)"
+                        % (r["id"], r["status"], ["%s %s" % (e["type"], e["status"]) for e in ends], want,
+                           r["status"])))
+        elif created and ends[0]["id"] < created[0]["id"]:
+            out.append((16, "refund %s: %s before refund.created" % (r["id"], ends[0]["type"])))
+    n_succ = sum(1 for r in refund_rows if r["status"] == RSUCCEEDED)
+    n_cr = sum(1 for e in revents if e["type"] == "charge.refunded")
+    if n_cr != n_succ:
+        out.append((16, "%d charge.refunded events for %d succeeded refunds" % (n_cr, n_succ)))
+    strays = sorted({e["oid"] for e in revents if e["type"] != "charge.refunded" and e["oid"] not in rows_by_id})
+    if strays:
+        out.append((16, "refund events for refunds that are not the payment's: %s" % ", ".join(map(str, strays))))
+    return out
+
+
 # Idempotent answers are stored only once a request executed: refusals at
 # validation (parameter_missing, amount_too_large, ...) keep none, like Stripe.
 STORED_400 = ("payment_intent_unexpected_state",)
@@ -1087,12 +1661,26 @@ def story(prog):
     return lines
 
 
-def details(pid, prog, row, txns, events, callbacks, charges, logs):
+def details(pid, prog, row, txns, events, callbacks, charges, logs, refunds=(), refund_events=()):
     out = ["  story:"] + story(prog)
     out.append("  payment_intents: %s" % (json.dumps(row["row"], sort_keys=True) if row else "(none)"))
     out.append("  payment_transactions (%d):" % len(txns))
     out += ["    %s" % json.dumps(t, sort_keys=True) for t in txns]
     out.append("  outbox events: %s" % [e["type"] for e in events])
+    out.append("  refunds (%d):" % len(refunds))
+    out += ["    %s" % json.dumps(dict(r["row"], attempt_key=r["key"], attempt_status=r["attempt_status"],
+                                       gateway_refund=r["gateway_id"], charge=r["charge"]), sort_keys=True)
+            for r in refunds]
+    out.append("  refund events: %s" % ["%s %s %s" % (e["type"], e["oid"], e["status"]) for e in refund_events])
+    if prog is not None and prog.refund_seen:
+        with prog.lock:
+            seen = {rid: list(v) for rid, v in prog.refund_seen.items()}
+        out.append("  refunds as the answers showed them:")
+        out += ["    %s: %s" % (rid, ", ".join("%s %s %s%s" % (op, amount, st, " [replayed]" if rep else "")
+                                             for op, st, amount, rep in v)) for rid, v in seen.items()]
+    gw_refunds = [x for c in charges for x in c.get("refunds") or []]
+    out.append("  ledger refunds (%d):" % len(gw_refunds))
+    out += ["    %s" % json.dumps(x, sort_keys=True) for x in gw_refunds]
     out.append("  gateway_events (%d):" % len(callbacks))
     out += ["    %s" % json.dumps(c, sort_keys=True) for c in callbacks]
     out.append("  ledger charges (%d):" % len(charges))
@@ -1114,6 +1702,8 @@ def options():
     ap.add_argument("--kills", type=int, default=env_int("MODEL_KILLS", 1))
     ap.add_argument("--timeout-rate", type=int, default=env_int("MODEL_TIMEOUT_RATE", 3))
     ap.add_argument("--async-capture", type=int, default=env_int("MODEL_ASYNC_CAPTURE", 0))
+    ap.add_argument("--async-refund", type=int, default=env_opt_int("MODEL_ASYNC_REFUND"))
+    ap.add_argument("--refund-fail-rate", type=int, default=env_opt_int("MODEL_REFUND_FAIL_RATE"))
     ap.add_argument("--details", type=int, default=env_int("MODEL_DETAILS", 3))
     ap.add_argument("--report", default=os.environ.get("MODEL_REPORT"))
     ap.add_argument("--self-test", action="store_true", help="inject one bookkeeping error; pass only if caught")
@@ -1127,7 +1717,9 @@ def reproduce(o):
     cmd = "MODEL_SEED=%d MODEL_N=%d" % (o.seed, o.n)
     for name, value, default in (("MODEL_CLIENTS", o.clients, 16), ("MODEL_KILLS", o.kills, 1),
                                  ("MODEL_TIMEOUT_RATE", o.timeout_rate, 3),
-                                 ("MODEL_ASYNC_CAPTURE", o.async_capture, 0)):
+                                 ("MODEL_ASYNC_CAPTURE", o.async_capture, 0),
+                                 ("MODEL_ASYNC_REFUND", o.async_refund, None),
+                                 ("MODEL_REFUND_FAIL_RATE", o.refund_fail_rate, None)):
         if value != default:
             cmd += " %s=%d" % (name, value)
     return cmd + " python3 tests/model/model.py" + (" --self-test" if o.self_test else "")
@@ -1135,6 +1727,7 @@ def reproduce(o):
 
 CALLBACK_SECRET = "whsec_model_checker_callbacks_0123456789"
 CALLBACK_DELAY_MS, CALLBACK_JITTER_MS, CALLBACK_DUPLICATES = 700, 800, 20
+REFUND_PHASE_S = 4.0
 
 
 def settle(model, db, gw, account_id, pd, limit_s=90):
@@ -1147,9 +1740,14 @@ def settle(model, db, gw, account_id, pd, limit_s=90):
         if gw.proc.poll() is not None:
             raise RuntimeError("gatewaysim exited with %s" % gw.proc.poll())
         try:
+            refunds = ("(SELECT count(*) || ':' || md5(coalesce(string_agg(public_id || ':' || status, ','"
+                       " ORDER BY id), '')) FROM refunds WHERE account_id = %s AND status = 'pending'),"
+                       " (SELECT md5(coalesce(string_agg(public_id || ':' || status, ',' ORDER BY id), ''))"
+                       " FROM refunds WHERE account_id = %s)," % (account_id, account_id)) \
+                if model.refunds else "'0:', '',"
             rows = db.sql("SELECT count(*) FILTER (WHERE status = 'processing'),"
                           " md5(coalesce(string_agg(public_id || ':' || status || ':' || version, ','"
-                          "  ORDER BY id), '')),"
+                          "  ORDER BY id), '')), " + refunds +
                           " (SELECT count(*) FROM payment_transactions t JOIN payment_intents q"
                           "  ON q.id = t.payment_intent_id WHERE q.account_id = %s AND t.status = 'pending')"
                           " FROM payment_intents WHERE account_id = %s" % (account_id, account_id)).split("|")
@@ -1158,14 +1756,19 @@ def settle(model, db, gw, account_id, pd, limit_s=90):
             why = str(e)
             time.sleep(1)
             continue
-        processing, fp_db, pending = int(rows[0]), rows[1], int(rows[2])
+        processing, fp_db, refunds_pending, fp_refunds, pending = \
+            int(rows[0]), rows[1], int(rows[2].split(":")[0]), rows[3], int(rows[4])
         gw_pending = sum(1 for c in ledger.get("data", []) if c.get("status") == "pending")
-        fp = (fp_db, hashlib.md5(json.dumps(ledger, sort_keys=True).encode()).hexdigest())
+        gw_refunds_pending = sum(1 for c in ledger.get("data", []) for r in c.get("refunds") or []
+                                 if r.get("status") == "pending")
+        fp = (fp_db, fp_refunds, hashlib.md5(json.dumps(ledger, sort_keys=True).encode()).hexdigest())
         if fp != last:
             last, stable_since = fp, time.monotonic()
-        why = "%d processing, %d attempts pending, %d gateway charges pending, stable for %.1f s" % (
-            processing, pending, gw_pending, time.monotonic() - stable_since)
-        if processing == 0 and pending == 0 and gw_pending == 0 and time.monotonic() - stable_since >= window:
+        why = ("%d processing, %d attempts pending, %d refunds pending, %d gateway charges and %d gateway refunds"
+               " pending, stable for %.1f s" % (processing, pending, refunds_pending, gw_pending, gw_refunds_pending,
+                                                time.monotonic() - stable_since))
+        if processing == 0 and pending == 0 and gw_pending == 0 and refunds_pending == 0 and \
+                gw_refunds_pending == 0 and time.monotonic() - stable_since >= window:
             return True, time.monotonic() - start, why
         time.sleep(1)
     return False, time.monotonic() - start, why
@@ -1228,6 +1831,10 @@ def run(o, db, cleanup, started):
              ("--callback-jitter-ms", CALLBACK_JITTER_MS), ("--callback-duplicate-rate", CALLBACK_DUPLICATES)]
     if o.async_capture:
         flags.append(("--async-capture", None))
+    if o.async_refund:
+        flags.append(("--async-refund", None))
+    if o.refund_fail_rate is not None:
+        flags.append(("--refund-fail-rate", o.refund_fail_rate))
     gw = Gateway(flags, db.dir)
     cleanup.insert(0, gw.stop)
     RUN["gw"] = gw
@@ -1241,12 +1848,18 @@ def run(o, db, cleanup, started):
     model = Model(o)
     model.api = Api(pd.port, key)
     model.db = db
+    model.refunds = db.sql("SELECT to_regclass('refunds') IS NOT NULL") == "t"
+    if not model.refunds:
+        log("WARNING: this build has no refunds table; running without refunds")
     programs = [Pay(model, i) for i in range(o.n)]
     if o.timeout_rate:
         gw.configure(timeout_rate=o.timeout_rate)
     stop = threading.Event()
     fault_thread = threading.Thread(target=model.faults, args=(pd, stop), daemon=True)
     fault_thread.start()
+    phase_thread = threading.Thread(target=model.refund_modes, args=(gw, stop), daemon=True)
+    if model.refunds:
+        phase_thread.start()
     log("driving %d payments (%d steps in all) on %d threads" % (o.n, sum(p.steps_total for p in programs),
                                                                 o.clients))
     drive_start = time.monotonic()
@@ -1254,6 +1867,8 @@ def run(o, db, cleanup, started):
     drive_s = time.monotonic() - drive_start
     stop.set()
     fault_thread.join()
+    if phase_thread.is_alive():
+        phase_thread.join()
     log("programs done in %.1f s: %d requests; faults stopped (%s)"
         % (drive_s, model.requests, ", ".join("%d %s killed" % (n, r) for r, n in model.kills.items()) or "no kills"))
     if gw.proc.poll() is not None:
@@ -1272,6 +1887,7 @@ def run(o, db, cleanup, started):
         "SELECT coalesce(json_agg(json_build_object('id', public_id, 'status', status,"
         " 'capture_method', capture_method, 'amount', amount, 'amount_received', amount_received,"
         " 'amount_capturable', amount_capturable, 'amount_refunded', amount_refunded, 'version', version,"
+        " 'amount_refund_pending', (row_to_json(p)->>'amount_refund_pending')::bigint,"
         " 'expires_at', expires_at, 'past_expiry', expires_at < now() - interval '3 seconds',"
         " 'description', description, 'idx', metadata->>'model_idx', 'row', row_to_json(p)) ORDER BY id), '[]')"
         " FROM payment_intents p WHERE account_id = %s" % account_id)
@@ -1286,6 +1902,20 @@ def run(o, db, cleanup, started):
         "SELECT coalesce(json_agg(json_build_object('pi', p.public_id, 'row', row_to_json(g))"
         " ORDER BY g.received_at), '[]') FROM gateway_events g LEFT JOIN payment_intents p"
         " ON p.id = g.payment_intent_id")
+    refund_rows, refund_ev_rows = [], []
+    if model.refunds:
+        refund_rows = db.json(
+            "SELECT coalesce(json_agg(json_build_object('pi', p.public_id, 'id', r.public_id, 'status', r.status,"
+            " 'amount', r.amount, 'key', t.idempotency_key, 'attempt_status', t.status,"
+            " 'gateway_id', t.gateway_transaction_id, 'charge', c.gateway_transaction_id, 'row', row_to_json(r))"
+            " ORDER BY r.id), '[]') FROM refunds r JOIN payment_intents p ON p.id = r.payment_intent_id"
+            " JOIN payment_transactions t ON t.id = r.attempt_id"
+            " JOIN payment_transactions c ON c.id = r.charge_attempt_id WHERE r.account_id = %s" % account_id)
+        refund_ev_rows = db.json(
+            "SELECT coalesce(json_agg(json_build_object('pi', aggregate_id, 'type', type, 'id', id,"
+            " 'oid', payload->'data'->'object'->>'id', 'status', payload->'data'->'object'->>'status')"
+            " ORDER BY id), '[]') FROM outbox WHERE account_id = %s"
+            " AND (type LIKE 'refund.%%' OR type = 'charge.refunded')" % account_id)
     card_re = "|".join(RAW_CARDS)
     raw_hits = db.json(
         "SELECT coalesce(json_agg(x), '[]') FROM (SELECT DISTINCT * FROM ("
@@ -1307,19 +1937,31 @@ def run(o, db, cleanup, started):
     callbacks = collections.defaultdict(list)
     for c in cb_rows:
         callbacks[c["pi"]].append(c["row"])
+    refunds = collections.defaultdict(list)
+    for r in refund_rows:
+        refunds[r["pi"]].append(r)
+    refund_events = collections.defaultdict(list)
+    for e in refund_ev_rows:
+        refund_events[e["pi"]].append(e)
     charges = collections.defaultdict(list)
     for ch in ledger.get("data", []):
         charges[(ch.get("idempotency_key") or "").split(":")[0]].append(ch)
     by_idx = {str(p.idx): p for p in programs}
 
     # ---- check ----
-    injected = None
+    injected = injected_refund = None
     if o.self_test:
         for r in rows:
-            if r["status"] == SUCCEEDED:
+            if r["status"] == SUCCEEDED and not refunds.get(r["id"]):
                 r["amount_received"] += 1
                 injected = r["id"]
                 log("SELF-TEST: pretending %s has amount_received one cent higher than it has" % injected)
+                break
+        for r in refund_rows:
+            if r["status"] == RSUCCEEDED and r["pi"] != injected:
+                r["status"] = RFAILED
+                injected_refund = r["pi"]
+                log("SELF-TEST: pretending refund %s of %s failed; it succeeded" % (r["id"], injected_refund))
                 break
     violations = collections.defaultdict(list)  # pid or "program #i" -> [(rule, msg)]
     seen_programs = set()
@@ -1331,6 +1973,9 @@ def run(o, db, cleanup, started):
             seen_programs.add(prog.idx)
         v = check_payment(r, prog, charges.get(r["id"], []), events.get(r["id"], []), txns.get(r["id"], []),
                           idx_count.get(r["idx"], 0))
+        if model.refunds:
+            v += check_refunds(r, prog, charges.get(r["id"], []), refunds.get(r["id"], []),
+                               refund_events.get(r["id"], []))
         if prog is not None:
             v += prog.violations + check_resends(prog)
         if v:
@@ -1382,7 +2027,8 @@ def run(o, db, cleanup, started):
             block = ["", "=" * 100, "payment %s: %s" % (pid, "; ".join(
                 "rule %d: %s" % (r, m) for r, m in violations[pid]))]
             block += details(pid, prog, rows_by_pid.get(pid), txns.get(pid, []), events.get(pid, []),
-                             callbacks.get(pid, []), charges.get(pid, []), logs)
+                             callbacks.get(pid, []), charges.get(pid, []), logs, refunds.get(pid, []),
+                             refund_events.get(pid, []))
             if pid not in printed:
                 detail_lines.append((n < o.details, block))
                 printed.add(pid)
@@ -1408,6 +2054,16 @@ def run(o, db, cleanup, started):
     final = collections.Counter(r["status"] for r in rows)
     gw_status = collections.Counter(c.get("status") for c in ledger.get("data", []))
     n_viol = sum(len(v) for v in violations.values())
+    db_refund_status = collections.Counter(r["status"] for r in refund_rows)
+    gw_refund_status = collections.Counter(str(x.get("status")) for c in ledger.get("data", [])
+                                           for x in c.get("refunds") or [])
+    refunded_part = sum(1 for r in rows if 0 < (r["amount_refunded"] or 0) < r["amount_received"])
+    refunded_full = sum(1 for r in rows if r["amount_received"] and r["amount_refunded"] == r["amount_received"])
+    if model.refund_phases:
+        phases = "%d, every %.0f s: %s" % (len(model.refund_phases), REFUND_PHASE_S, "; ".join(
+            ",".join("%s=%s" % kv for kv in sorted(c.items())) for _, c in model.refund_phases[:4]))
+    else:
+        phases = "fixed: async_refund %s, refund_fail_rate %s" % (o.async_refund, o.refund_fail_rate)
     fig = [
         ("seed", o.seed),
         ("payments: programs / in PostgreSQL", "%d / %d" % (o.n, len(rows))),
@@ -1417,6 +2073,12 @@ def run(o, db, cleanup, started):
         ("final statuses", dict(sorted(final.items()))),
         ("charges at the gateway", "%d: %s" % (len(ledger.get("data", [])), dict(sorted(gw_status.items(),
                                                                                       key=lambda kv: str(kv[0]))))),
+        ("refunds in PostgreSQL", "%d: %s" % (len(refund_rows), dict(sorted(db_refund_status.items())))),
+        ("refunds at the gateway", "%d: %s" % (sum(gw_refund_status.values()), dict(sorted(gw_refund_status.items())))),
+        ("payments refunded (in part / in full)", "%d / %d" % (refunded_part, refunded_full)),
+        ("refunds with metadata fail=true, by status", dict(sorted(collections.Counter(
+            r["status"] for r in refund_rows if (r["row"].get("metadata") or {}).get("fail") == "true").items()))),
+        ("gateway refund phases", phases),
         ("gateway callbacks recorded", len(cb_rows)),
         ("outbox events", len(ev_rows)),
         ("faults", "%s; gateway timeouts %d %%; callbacks late/jittered/%d %% duplicated%s"
@@ -1440,11 +2102,18 @@ def run(o, db, cleanup, started):
     print("reproduce with: %s" % reproduce(o))
     if o.self_test:
         caught = injected is not None and any(r == 1 for r, _ in violations.get(injected, []))
-        if caught:
-            print("\nSELF-TEST PASSED: the injected bookkeeping error on %s was reported as rule 1" % injected)
+        refund_rules = {r for r, _ in violations.get(injected_refund, [])} if injected_refund else set()
+        refund_caught = injected_refund is None or {13, 15} <= refund_rules
+        if caught and refund_caught:
+            print("\nSELF-TEST PASSED: the injected bookkeeping error on %s was reported as rule 1%s" % (
+                injected, "; the refund on %s pretended failed as rules 13 and 15" % injected_refund
+                if injected_refund else " (no succeeded refund to corrupt: refunds not self-tested)"))
             return 0
         print("\nSELF-TEST FAILED: %s" % ("no succeeded payment to corrupt" if injected is None
-                                          else "the injected error on %s was not reported" % injected))
+                                          else "the injected error on %s was not reported" % injected
+                                          if not caught else
+                                          "the refund pretended failed on %s was reported as rules %s, not 13 and 15"
+                                          % (injected_refund, sorted(refund_rules))))
         return 1
     if n_viol:
         print("\nMODEL FAILED: %d violations in %d payments (seed %d; %d printed in full above)"
