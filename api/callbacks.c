@@ -34,7 +34,7 @@
 
 #define CALLBACK_TOLERANCE_S 300
 
-#define CALLBACK_MAX_ITEMS 32 /* refunds listed in one charge.refunded */
+#define CALLBACK_MAX_ITEMS 100 /* refunds listed in one charge.refunded */
 
 /* What a callback says about one object (a charge, or a refund). */
 struct callback_item {
@@ -92,11 +92,19 @@ callbacks_on_applied(void *arg, PGresult *res, const char *err)
                      cb->event_id, cb->type, PQgetvalue(res, i, 1), PQgetvalue(res, i, 2));
         }
     }
-    if (n == 1 && unknown == 1) {
+    /* A charge not known yet may be one whose answer is on its way: 404, so
+     * the gateway sends it again. A refund's attempt is always written
+     * before the gateway hears of it: an unknown refund is not ours (made
+     * at the gateway directly); it is counted and left to reconciliation. */
+    if (n == 1 && unknown == 1 && strncmp(cb->type, "refund.", 7) != 0 &&
+        strcmp(cb->type, "charge.refunded") != 0) {
         callbacks_reject(r, 404, "resource_missing",
                          "No payment holds this object; send the callback again later.");
         return;
     }
+    if (unknown)
+        log_warn("gateway callback %s (%s): %d object(s) no payment holds; not applied",
+                 cb->event_id, cb->type, unknown);
     if (applied) {
         metric_inc(m, MC_CALLBACKS_APPLIED);
         v1_respond(r, 200, "{\"received\":true,\"applied\":true}");
@@ -207,6 +215,7 @@ callbacks_copy(char *dst, size_t cap, json_t *obj, const char *key, bool require
 static int
 callbacks_item(struct callback_item *it, json_t *obj, const char *type)
 {
+    memset(it, 0, sizeof(*it)); /* a slot may be reused after an item not acted on */
     if (!json_is_object(obj) || callbacks_copy(it->id, sizeof(it->id), obj, "id", true) < 0 ||
         callbacks_copy(it->failure_code, sizeof(it->failure_code), obj, "failure_code", false) <
             0 ||
@@ -269,8 +278,12 @@ callbacks_decode(struct callback *cb, const char *body, size_t len, const char *
         json_t *v;
         json_array_foreach(list, i, v)
         {
-            if (cb->n_items == CALLBACK_MAX_ITEMS)
+            if (cb->n_items == CALLBACK_MAX_ITEMS) {
+                log_warn("gateway callback %s lists more than %d refunds; the rest are left to "
+                         "their refund.updated callbacks and the sweeps",
+                         cb->event_id, CALLBACK_MAX_ITEMS);
                 break;
+            }
             if (callbacks_item(&cb->items[cb->n_items], v, cb->type) < 0)
                 goto out;
             if (cb->items[cb->n_items].state)

@@ -118,6 +118,10 @@ const struct paystate_refund_transition paystate_refund_transitions[] = {
     {"pending", "refund.succeeded", "succeeded", "refund.updated"},
     {"pending", "refund.failed", "failed", "refund.failed"},
     {"pending", "refund.canceled", "canceled", "refund.updated"},
+    /* A gateway may fail a refund it had reported succeeded (the card was
+     * closed, say): the money is back with the merchant and may be refunded
+     * again. */
+    {"succeeded", "refund.reversed", "failed", "refund.failed"},
 };
 const size_t paystate_refund_transitions_count =
     sizeof(paystate_refund_transitions) / sizeof(paystate_refund_transitions[0]);

@@ -69,6 +69,13 @@ UPDATE payment_transactions t SET status = CASE p.status
     WHERE p.id = t.payment_intent_id AND t.type = 'authorization' AND t.status = 'succeeded';
 UPDATE payment_transactions SET amount_captured = amount
     WHERE type IN ('charge', 'capture') AND status = 'succeeded';
+-- A captured authorization carries what its captures took (refunds find the
+-- charge that holds the money by it).
+UPDATE payment_transactions t SET amount_captured = c.captured
+    FROM (SELECT payment_intent_id, sum(amount) AS captured FROM payment_transactions
+          WHERE type = 'capture' AND status = 'succeeded' GROUP BY payment_intent_id) c
+    WHERE t.payment_intent_id = c.payment_intent_id AND t.type = 'authorization'
+      AND t.status = 'succeeded';
 -- A payment in processing had a job out under the key the old worker used.
 INSERT INTO payment_transactions (transaction_id, payment_intent_id, type, status, amount, currency,
         gateway_provider, idempotency_key, payment_method, lease_until)
@@ -124,12 +131,15 @@ BEGIN
     IF t.outbox_event IS NOT NULL THEN
         PERFORM outbox_event(p.account_id, t.outbox_event, payment_intent_object(p), p.public_id);
     END IF;
-    -- One outcome per order: the first (a decline, then a cancel, is one failure).
+    -- The order hears its payment's outcome: PaymentFailed once (a decline,
+    -- then a cancel, is one failure), and PaymentCompleted when it is paid,
+    -- even after a failure (the merchant confirmed it again with a new card).
     IF p.order_id IS NOT NULL AND p_from <> ''
        AND (p.status IN ('succeeded', 'canceled') OR t.event = 'charge.failed')
        AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate_id = p.public_id
                        AND o.aggregate_type = 'order'
-                       AND o.type IN ('PaymentCompleted', 'PaymentFailed')) THEN
+                       AND o.type = CASE WHEN p.status = 'succeeded' THEN 'PaymentCompleted'
+                                         ELSE 'PaymentFailed' END) THEN
         PERFORM saga_outcome_event(p, payment_paid_by(p.id),
                                    coalesce(p.last_payment_error ->> 'message',
                                             p.cancellation_reason));
@@ -780,10 +790,13 @@ BEGIN
     SELECT id, payment_intent_id INTO a_id, pid FROM payment_transactions
         WHERE gateway_provider = p_provider AND gateway_transaction_id = p_charge
           AND (type IN ('charge', 'authorization')) = (p_type NOT LIKE 'refund.%') LIMIT 1;
+    -- By the attempt's key when the gateway's id is not known for it yet;
+    -- never an attempt that already has another gateway id.
     IF a_id IS NULL AND nullif(p_key, '') IS NOT NULL THEN
         SELECT id, payment_intent_id INTO a_id, pid FROM payment_transactions
             WHERE idempotency_key = p_key
-              AND (type IN ('charge', 'authorization')) = (p_type NOT LIKE 'refund.%');
+              AND (type IN ('charge', 'authorization')) = (p_type NOT LIKE 'refund.%')
+              AND (gateway_transaction_id IS NULL OR gateway_transaction_id = p_charge);
     END IF;
     IF a_id IS NULL THEN
         result := 'unknown';

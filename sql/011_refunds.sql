@@ -349,6 +349,17 @@ BEGIN
             version = version + 1, updated_at = now()
         WHERE id = p.id;
         applied := true;
+    ELSIF r.status = 'succeeded' AND p_state = 'failed' AND a.type = 'refund' THEN
+        -- Failed after it succeeded (the gateway could not pay it out): the
+        -- amount is the merchant's again, and refundable again. The attempt
+        -- stays what the gateway first answered.
+        UPDATE refunds SET status = 'failed', transition = 'refund.reversed',
+            failure_reason = coalesce(p_reason, 'unknown')
+        WHERE id = r.id RETURNING * INTO r;
+        UPDATE payment_intents SET amount_refunded = amount_refunded - ra.amount,
+            version = version + 1, updated_at = now()
+        WHERE id = p.id;
+        applied := true;
     END IF;
     object := refund_object(r)::text;
     status := r.status;

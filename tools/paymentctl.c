@@ -560,8 +560,9 @@ main(int argc, char **argv)
     }
     /* After ./scripts/run, from the repository's root, its configuration
      * (database, RUN_DIR) is found without flags. */
-    if (!config_path && !opt_dir && access(CTL_DEV_CONFIG, R_OK) == 0)
-        config_path = CTL_DEV_CONFIG;
+    if (!config_path && !opt_dir && !getenv("DATABASE_URL") && !getenv("POSTGRES_HOST") &&
+        !getenv("RUN_DIR") && access(CTL_DEV_CONFIG, R_OK) == 0)
+        config_path = CTL_DEV_CONFIG; /* never over a database the environment names */
     const char *cmd = argv[optind];
     const char *arg = optind + 1 < argc ? argv[optind + 1] : NULL;
     const char *run_dir = ctl_run_dir(opt_dir, config_path);

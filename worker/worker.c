@@ -387,8 +387,9 @@ job_finish(struct job *j, const struct gw_result *r)
             job_run(j);
             return;
         }
-        if (state && !((strcmp(j->op, "capture") == 0 || strcmp(j->op, "refund") == 0) &&
-                       r->outcome == GW_PENDING)) {
+        /* A refund the gateway holds as pending is recorded so (its id is
+         * learnt: it can be canceled); a capture settling later is not. */
+        if (state && !(strcmp(j->op, "capture") == 0 && r->outcome == GW_PENDING)) {
             job_record(j, state, r);
             return;
         }

@@ -2,6 +2,8 @@
 concurrency too; through the gateway exactly once, with its timeouts after
 refunding; failed and canceled refunds give their amount back; events and
 the saga's PaymentRefunded."""
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -63,6 +65,16 @@ class RefundsTest(unittest.TestCase):
 
     def refund(self, **params):
         return self.c.post("/v1/refunds", params)
+
+    def callback(self, ev):
+        """A signed gateway callback, as gatewaysim would send it."""
+        body = json.dumps(ev)
+        t = str(int(time.time()))
+        sig = hmac.new(SECRET.encode(), (t + "." + body).encode(), hashlib.sha256).hexdigest()
+        code, text, _ = Client(self.pd.port, None).call(
+            "POST", "/v1/gateway_webhooks/sim", raw=body,
+            headers={"Gateway-Signature": "t=%s,v1=%s" % (t, sig), "Content-Type": "application/json"})
+        return code, json.loads(text)
 
     def events(self, pi):
         return [r[0] for r in sql("SELECT type FROM outbox WHERE aggregate_id = '%s' ORDER BY id" % pi)]
@@ -175,17 +187,76 @@ class RefundsTest(unittest.TestCase):
         code, r3 = self.refund(payment_intent=pi["id"])  # what is left, the canceled 500 included
         self.assertEqual((code, r3["amount"]), (200, 1000))
 
-    def test_saga_hears_payment_refunded(self):
+    def test_charge_refunded_items_are_matched_one_by_one(self):
+        # A charge.refunded listing our pending refund (in a state we do not
+        # act on) and then a refund made at the gateway directly: the second
+        # must not be taken for the first.
+        self.gw.configure(async_refund=True)
+        pi = self.paid(3000)
+        code, r = self.refund(payment_intent=pi["id"], amount=1000)
+        self.assertEqual(r["status"], "pending")
+        key = sql("SELECT t.idempotency_key FROM refunds x JOIN payment_transactions t ON t.id = x.attempt_id"
+                  " WHERE x.public_id = '%s'" % r["id"])[0][0]
+        charge = {"id": pi["latest_charge"], "object": "charge", "refunds": {"data": [
+            {"id": "re_gw_ours", "object": "refund", "status": "requires_action", "amount": 1000,
+             "metadata": {"paymentd_attempt": key}},
+            {"id": "re_gw_other", "object": "refund", "status": "succeeded", "amount": 50}]}}
+        code, got = self.callback({"id": "gwevt_cr_%d" % time.time_ns(), "type": "charge.refunded",
+                                   "data": {"object": charge}})
+        self.assertEqual((code, got.get("applied")), (200, False), got)
+        self.assertNotEqual(sql("SELECT coalesce(gateway_transaction_id, '') FROM payment_transactions"
+                                " WHERE idempotency_key = '%s'" % key), [["re_gw_other"]])
+        # A refund.updated for a refund nobody holds: recorded as not ours, not 404.
+        code, got = self.callback({"id": "gwevt_ru_%d" % time.time_ns(), "type": "refund.updated",
+                                   "data": {"object": {"id": "re_gw_other", "object": "refund",
+                                                       "status": "succeeded", "amount": 50}}})
+        self.assertEqual((code, got.get("applied")), (200, False), got)
+        wait_for(lambda: self.c.get("/v1/refunds/" + r["id"])[1]["status"] == "succeeded", 20,
+                 what="the real settlement")
+        self.assertEqual(self.row(pi["id"]), [3000, 1000, 0])
+
+    def test_a_refund_failed_after_it_succeeded_is_refundable_again(self):
+        pi = self.paid(2000)
+        code, r = self.refund(payment_intent=pi["id"])
+        self.assertEqual((r["status"], self.row(pi["id"])), ("succeeded", [2000, 2000, 0]))
+        gw_refund = [x for x in self.gateway_refunds(pi["id"])][0]
+        gw_refund = dict(gw_refund, status="failed", failure_reason="expired_or_canceled_card")
+        code, got = self.callback({"id": "gwevt_rf_%d" % time.time_ns(), "type": "refund.updated",
+                                   "data": {"object": gw_refund}})
+        self.assertEqual((code, got.get("applied")), (200, True), got)
+        got = self.c.get("/v1/refunds/" + r["id"])[1]
+        self.assertEqual((got["status"], got["failure_reason"]), ("failed", "expired_or_canceled_card"))
+        self.assertEqual(self.row(pi["id"]), [2000, 0, 0])
+        self.assertEqual(self.events(pi["id"])[-1], "refund.failed")
+        code, again = self.refund(payment_intent=pi["id"])
+        self.assertEqual((code, again["amount"]), (200, 2000))
+
+    def intake(self, pm):
         import os
         import subprocess
         from harness import BIN
         msg = json.dumps({"orderId": "ord-refund-%d" % time.time_ns(), "amount": 2500, "currency": "usd",
-                          "customerId": "cus_r", "paymentMethod": "pm_card_visa", "eventId": "evt_r"})
+                          "customerId": "cus_r", "paymentMethod": pm, "eventId": "evt_r"})
         out = subprocess.run([os.path.join(BIN, "paymentctl"), "--run-dir", self.pd.run_dir, "intake"],
                              input=msg, capture_output=True, text=True, timeout=20,
                              env={k: v for k, v in self.pd.env.items() if k != "RUN_DIR"})
         self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
-        pid = json.loads(out.stdout)["paymentId"]
+        return json.loads(out.stdout)["paymentId"]
+
+    def test_saga_hears_a_later_success_after_a_failure(self):
+        pid = self.intake("pm_card_chargeDeclined")
+        wait_for(lambda: self.c.get("/v1/payment_intents/" + pid)[1]["status"] == "requires_payment_method",
+                 20, what="declined")
+        code, ok = self.c.post("/v1/payment_intents/%s/confirm" % pid, {"payment_method": "pm_card_visa"})
+        self.assertEqual(ok["status"], "succeeded")
+        code, _ = self.c.post("/v1/payment_intents/%s/cancel" % pid, {})  # refused: it succeeded
+        self.assertEqual(code, 400)
+        told = [r[0] for r in sql("SELECT type FROM outbox WHERE aggregate_id = '%s' AND aggregate_type = 'order'"
+                                  " ORDER BY id" % pid)]
+        self.assertEqual(told, ["PaymentFailed", "PaymentCompleted"])
+
+    def test_saga_hears_payment_refunded(self):
+        pid = self.intake("pm_card_visa")
         wait_for(lambda: self.c.get("/v1/payment_intents/" + pid)[1]["status"] == "succeeded", 20,
                  what="order paid")
         code, r = self.refund(payment_intent=pid, amount=1000)

@@ -189,6 +189,24 @@ test_attempts_stay_open_until_final(void **state)
     assert_true(paystate_attempt_allowed("charge", "requires_action", "canceled"));
 }
 
+/* Every refund change announces itself; a refund the gateway fails after it
+ * succeeded goes back to failed (its amount refundable again). */
+static void
+test_refund_table(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < paystate_refund_transitions_count; i++)
+        assert_non_null(paystate_refund_transitions[i].outbox_event);
+    bool reversed = false;
+    for (size_t i = 0; i < paystate_refund_transitions_count; i++) {
+        const struct paystate_refund_transition *t = &paystate_refund_transitions[i];
+        reversed = reversed || (strcmp(t->from, "succeeded") == 0 && strcmp(t->to, "failed") == 0);
+        assert_string_not_equal(t->from, "failed");
+        assert_string_not_equal(t->from, "canceled");
+    }
+    assert_true(reversed);
+}
+
 int
 main(void)
 {
@@ -200,6 +218,7 @@ main(void)
         cmocka_unit_test(test_open_charges_are_voided_not_forgotten),
         cmocka_unit_test(test_every_visible_change_has_its_event),
         cmocka_unit_test(test_attempts_stay_open_until_final),
+        cmocka_unit_test(test_refund_table),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
