@@ -17,6 +17,7 @@
 #include "ratelimit.h"
 
 #include <stdio.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <openssl/sha.h>
@@ -161,6 +162,8 @@ rl_local(struct rl_call *c)
     snprintf(fkey, sizeof(fkey), "af:%s", c->ip);
     int64_t fails = rl_local_hit(rl, fkey, RL_AUTH_WINDOW_MS, c->fail ? 1 : 0, &left);
     int64_t flimit = rl_share(rl, cfg->rate_limit_auth_failures);
+    if (c->cls == RL_CALLBACK && !c->fail)
+        flimit = INT64_MAX; /* see rl_run */
     if (c->fail ? fails > flimit : fails >= flimit) {
         rl_finish(c, 1, left);
         return;
@@ -211,7 +214,11 @@ rl_run(struct rl_call *c)
     const struct config *cfg = &api->ctx->cfg;
     char fkey[96], flimit[24], fwindow[24], hlimit[24], hwindow[24];
     snprintf(fkey, sizeof(fkey), "rl:af:%s", c->ip);
-    snprintf(flimit, sizeof(flimit), "%d", cfg->rate_limit_auth_failures);
+    /* Gateway callbacks carry their own credential (a signature) and their
+     * own limit: an address blocked for bad API keys (the gateway's may be
+     * the same, as on one host) still gets its payments' outcomes. */
+    snprintf(flimit, sizeof(flimit), "%d",
+             c->cls == RL_CALLBACK && !c->fail ? INT_MAX : cfg->rate_limit_auth_failures);
     snprintf(fwindow, sizeof(fwindow), "%d", RL_AUTH_WINDOW_MS);
     snprintf(hlimit, sizeof(hlimit), "%lld", (long long)c->hit_limit);
     snprintf(hwindow, sizeof(hwindow), "%lld", (long long)c->hit_window_ms);

@@ -103,7 +103,7 @@ LANGUAGE sql STABLE AS $$
         'payment_method', a.payment_method,
         'refunded', a.amount_captured > 0 AND rf.refunded >= a.amount_captured,
         'refunds', json_build_object('object', 'list', 'data', rf.list, 'has_more', false,
-                                     'url', '/v1/charges/' || a.gateway_transaction_id || '/refunds'),
+                                     'url', '/v1/refunds?charge=' || a.gateway_transaction_id),
         'status', CASE a.status WHEN 'failed' THEN 'failed'
                                 WHEN 'pending' THEN 'pending'
                                 WHEN 'requires_action' THEN 'pending'

@@ -21,24 +21,22 @@
  *                                             canceled, as it is now
  *   GET  /v1/ledger                           {charges: how many, data: every charge}
  *   POST /_config {latency_ms, fail_rate, reset_rate, timeout_rate, rate_limit_rate,
- *                  callback_jitter_ms, callback_duplicate_rate, refund_fail_rate,
- *                  async_refund: bool, refuse_ms: refuse connections for that long}
- *   POST /_reset                              forget every charge, refund and pending callback
- * A refused capture, cancel or refund is 400 {error: {message, code: charge_not_capturable |
- * charge_not_cancelable | charge_not_refundable | charge_already_refunded | amount_too_large |
- * parameter_invalid_integer}, charge: <the charge now>}; a refused refund cancel is 400
- * {error: {message, code: refund_not_cancelable}, refund: <the refund now>}.
- * Charge statuses: requires_action (3-D Secure) -> succeeded | requires_capture | failed,
- * requires_capture -> succeeded | pending (async capture) | canceled, pending -> succeeded.
- * Refund statuses: (new) -> succeeded | failed | pending (async refund), pending -> succeeded |
- * failed | canceled. A charge may be refunded while succeeded and captured, up to
- * amount_captured - amount_refunded - its pending refunds; a failed or canceled refund
- * holds nothing. The tables sim_charge_moves and sim_refund_moves are the only place that
- * says so. A charge carries its refunds (every status) and refunded (all it captured is
- * refunded); each refund's steps are in the charge's operations as refund, refund_settle
- * and refund_cancel.
- * With --key, every /v1 call but the ledger needs "Authorization: Bearer KEY" (401 otherwise).
- * With --callback-url and --callback-secret, a charge that needs the customer's action settles
+ * callback_delay_ms, callback_jitter_ms, callback_duplicate_rate, refund_fail_rate, async_refund:
+ * bool, refuse_ms: refuse connections for that long} POST /_reset forget every charge, refund and
+ * pending callback A refused capture, cancel or refund is 400 {error: {message, code:
+ * charge_not_capturable | charge_not_cancelable | charge_not_refundable | charge_already_refunded |
+ * amount_too_large | parameter_invalid_integer}, charge: <the charge now>}; a refused refund cancel
+ * is 400 {error: {message, code: refund_not_cancelable}, refund: <the refund now>}. Charge
+ * statuses: requires_action (3-D Secure) -> succeeded | requires_capture | failed, requires_capture
+ * -> succeeded | pending (async capture) | canceled, pending -> succeeded. Refund statuses: (new)
+ * -> succeeded | failed | pending (async refund), pending -> succeeded | failed | canceled. A
+ * charge may be refunded while succeeded and captured, up to amount_captured - amount_refunded -
+ * its pending refunds; a failed or canceled refund holds nothing. The tables sim_charge_moves and
+ * sim_refund_moves are the only place that says so. A charge carries its refunds (every status) and
+ * refunded (all it captured is refunded); each refund's steps are in the charge's operations as
+ * refund, refund_settle and refund_cancel. With --key, every /v1 call but the ledger needs
+ * "Authorization: Bearer KEY" (401 otherwise). With --callback-url and --callback-secret, a charge
+ * that needs the customer's action settles
  * --callback-delay-ms later (500 by default) if it still needs it, and a signed callback
  * (Gateway-Signature: t=...,v1=HMAC-SHA256(secret, t "." body)) tells the outcome:
  * charge.succeeded (captured, or only authorized when capture was false) or charge.failed.
@@ -1245,6 +1243,7 @@ sim_config(struct evhttp_request *req)
         {"callback_jitter_ms", &sim.callback_jitter_ms, 3600000},
         {"callback_duplicate_rate", &sim.callback_duplicate_rate, 100},
         {"refund_fail_rate", &sim.refund_fail_rate, 100},
+        {"callback_delay_ms", &sim.callback_delay_ms, 3600000},
     };
     size_t n = sizeof(knobs) / sizeof(knobs[0]);
     json_t *b = sim_body(req);
@@ -1254,6 +1253,15 @@ sim_config(struct evhttp_request *req)
     }
     json_t *async_refund = json_object_get(b, "async_refund");
     bool bad = async_refund && !json_is_boolean(async_refund);
+    const char *k;
+    json_t *given;
+    json_object_foreach(b, k, given)
+    {
+        bool known = strcmp(k, "async_refund") == 0 || strcmp(k, "refuse_ms") == 0;
+        for (size_t i = 0; i < n; i++)
+            known = known || strcmp(k, knobs[i].name) == 0;
+        bad = bad || !known; /* a misspelt setting is an error, not a silent no-op */
+    }
     for (size_t i = 0; i < n && !bad; i++) {
         json_t *v = json_object_get(b, knobs[i].name);
         bad = v && (!json_is_integer(v) || json_integer_value(v) < 0 ||
@@ -1261,7 +1269,8 @@ sim_config(struct evhttp_request *req)
     }
     if (bad) {
         json_decref(b);
-        sim_send_now(req, 400, "{\"error\":{\"message\":\"a setting is out of range\"}}");
+        sim_send_now(req, 400,
+                     "{\"error\":{\"message\":\"a setting is unknown or out of range\"}}");
         return;
     }
     for (size_t i = 0; i < n; i++)

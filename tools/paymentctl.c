@@ -526,6 +526,12 @@ ctl_transitions(void)
         printf("| %s | `%s` | %s | %s | %s | %s |\n", t->from[0] ? t->from : "(new)", t->event,
                t->to, t->outbox_event ? t->outbox_event : "-", t->by, t->gateway);
     }
+    printf("\nRefunds:\n\n| from | event | to | event written |\n| --- | --- | --- | --- |\n");
+    for (size_t i = 0; i < paystate_refund_transitions_count; i++) {
+        const struct paystate_refund_transition *t = &paystate_refund_transitions[i];
+        printf("| %s | `%s` | %s | %s |\n", t->from[0] ? t->from : "(new)", t->event, t->to,
+               t->outbox_event);
+    }
     return 0;
 }
 

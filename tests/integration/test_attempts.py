@@ -221,13 +221,43 @@ class AttemptsTest(unittest.TestCase):
         the README shows that same table."""
         printed = subprocess.run([os.path.join(BIN, "paymentctl"), "transitions"], capture_output=True,
                                  text=True, check=True).stdout
-        rows = [[c.strip().strip("`") for c in line.strip("|").split("|")][:4]
-                for line in printed.splitlines()[2:]]
+        payments, refunds = printed.split("\nRefunds:\n")
+        def rows(table):
+            return sorted([c.strip().strip("`") for c in line.strip("|").split("|")][:4]
+                          for line in table.strip().splitlines()[2:])
         db = sql("SELECT CASE from_status WHEN '' THEN '(new)' ELSE from_status END, event, to_status,"
                  " coalesce(outbox_event, '-') FROM payment_transitions")
-        self.assertEqual(sorted(rows), sorted(db))
+        self.assertEqual(rows(payments), sorted(db))
+        db = sql("SELECT CASE from_status WHEN '' THEN '(new)' ELSE from_status END, event, to_status,"
+                 " outbox_event FROM refund_transitions")
+        self.assertEqual(rows(refunds), sorted(db))
         with open(os.path.join(SOURCE, "README.md")) as f:
             self.assertIn(printed, f.read())
+
+
+class CallbacksThroughAnAuthBlockTest(unittest.TestCase):
+    """An address blocked for bad API keys (the gateway's, on one host) still
+    delivers its signed callbacks: a 3-D Secure outcome is not lost."""
+
+    def test_callbacks_are_not_blocked_with_the_address(self):
+        pd = Paymentd(GATEWAY_WEBHOOK_SECRET=SECRET, RATE_LIMIT_AUTH_FAILURES=3)
+        gw = Gateway("--callback-url", "http://127.0.0.1:%d/v1/gateway_webhooks/sim" % pd.port,
+                     "--callback-secret", SECRET, "--callback-delay-ms", "1500")
+        self.addCleanup(gw.stop)
+        pd.env["GATEWAY_URL"] = gw.url
+        self.addCleanup(pd.cleanup)
+        pd.start()
+        _, _, key = new_account("authblock")
+        c = Client(pd.port, key)
+        code, pi = c.post("/v1/payment_intents", {"amount": 700, "currency": "usd", "confirm": "true",
+                                                  "payment_method": "pm_card_authenticationRequired"})
+        self.assertEqual(pi["status"], "requires_action")
+        bad = Client(pd.port, "sk_test_wrong")
+        codes = [bad.get("/v1/payment_intents")[0] for _ in range(5)]
+        self.assertIn(429, codes)  # the address is blocked now, right key or not
+        self.assertEqual(c.get("/v1/payment_intents/" + pi["id"])[0], 429)
+        wait_for(lambda: sql("SELECT status FROM payment_intents WHERE public_id = '%s'" % pi["id"])
+                 == [["succeeded"]], 20, what="the callback applied through the block")
 
 
 if __name__ == "__main__":
