@@ -563,6 +563,10 @@ class Pay:
         elif a.code == 400 and a.err_code == "payment_intent_unexpected_state":
             m = re.search(r"status of (\w+)", a.obj["error"].get("message", ""))
             if m:
+                if m.group(1) != self.status:
+                    # Learnt from an error: the charge it names may be
+                    # another one now (a new attempt succeeded since).
+                    self.latest_charge = None
                 self.status = m.group(1)
         elif a.code is None or a.code >= 500:
             if op != "retrieve":
@@ -677,6 +681,8 @@ class Pay:
         """Runs one step; returns the pause before the next, or None when done."""
         if self.status == SUCCEEDED and not self.refund_bonus and self.m.refunds:
             self.refund_bonus = True  # a few more steps: refunds
+            if self.latest_charge is None:
+                self.a_retrieve()
             if self.rng.random() < 0.75:
                 extra = self.rng.randint(2, 5)
                 self.steps_total += extra
