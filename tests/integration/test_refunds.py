@@ -235,7 +235,7 @@ class RefundsTest(unittest.TestCase):
         import os
         import subprocess
         from harness import BIN
-        msg = json.dumps({"orderId": "ord-refund-%d" % time.time_ns(), "amount": 2500, "currency": "usd",
+        msg = json.dumps({"orderId": "ord-refund-t%d" % time.time_ns(), "amount": 2500, "currency": "usd",
                           "customerId": "cus_r", "paymentMethod": pm, "eventId": "evt_r"})
         out = subprocess.run([os.path.join(BIN, "paymentctl"), "--run-dir", self.pd.run_dir, "intake"],
                              input=msg, capture_output=True, text=True, timeout=20,
