@@ -38,6 +38,7 @@
 #include "pgev.h"
 #include "redisev.h"
 #include "role.h"
+#include "wake.h"
 #include "xmalloc.h"
 
 #include "api.h"
@@ -438,6 +439,7 @@ api_main(struct role_ctx *ctx)
         return EXIT_ROLE_FAILURE;
     api.pg = pgev_pool_new(ctx->base, cfg, cfg->db_pool_size);
     api.redis = redisev_new(ctx->base, cfg);
+    api.wake = wake_new(cfg);
     api.auth = auth_cache_new();
     api.ratelimit = ratelimit_new(&api);
     api.confirm_wait_ms = cfg->confirm_wait_ms;
@@ -472,6 +474,7 @@ api_main(struct role_ctx *ctx)
     saga_stop(&api);
     nng_close(api.workers);
     redisev_free(api.redis);
+    wake_free(api.wake);
     pgev_pool_free(api.pg);
     auth_cache_free(api.auth);
     ratelimit_free(api.ratelimit);

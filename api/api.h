@@ -31,7 +31,8 @@ struct api {
     int jobs_in_flight; /* gateway jobs sent to workers and not yet answered */
     struct saga *saga;  /* order intake, on api/0 when SAGA_ACCOUNT is set */
     struct ratelimit *ratelimit;
-    char owner[128]; /* boot_id/pid/start time: this process, as a claim's holder */
+    char owner[128];   /* boot_id/pid/start time: this process, as a claim's holder */
+    struct wake *wake; /* tells the outbox about committed events */
 };
 
 /* A list request's page (lists.c). */
@@ -73,8 +74,10 @@ struct api_req {
     int64_t idem_row;
     char idem_hash[65];
     char idem_redis_key[96];
-    char holder[160];      /* this request as the holder of its key's claim */
-    int64_t idem_resource; /* internal id of a resource an earlier attempt created */
+    char holder[160];        /* this request as the holder of its key's claim */
+    bool idem_deferred;      /* its handler's statement takes the key's claim itself */
+    bool idem_claims_itself; /* the route's handler can (create, confirm) */
+    int64_t idem_resource;   /* internal id of a resource an earlier attempt created */
     int claim_tries;
     bool not_executed; /* refused before executing: the answer is not kept for the key */
     /* handler state */
@@ -135,7 +138,7 @@ bool v1_rows(struct api_req *r, PGresult *res, const char *err);
 void v1_not_found(struct api_req *r, const char *what, const char *param);
 /* The request's claim on its Idempotency-Key was taken over (SQLSTATE
  * PD010 from a fenced write): answers 409 and stores nothing. */
-bool v1_claim_lost(struct api_req *r, PGresult *res);
+bool v1_claim_lost(struct api_req *r, PGresult *res, const char *err);
 
 /* auth.c */
 struct auth_cache *auth_cache_new(void);
@@ -160,6 +163,14 @@ void idem_resume(struct api_req *r);
  * request's), then sends it with request_send() and drops the store's
  * reference. */
 void idem_finish(struct api_req *r, int status, const char *body);
+/* The claim a deferring handler passes to its statement (JSON text, to
+ * free), or NULL when the request has no deferred claim. */
+char *idem_claim_json(struct api_req *r);
+/* The handler's statement found the key taken (SQLSTATE PD011): decide
+ * from the key's row as for any other route (replay, 409, takeover). */
+void idem_claim_taken(struct api_req *r);
+/* The worker kept this answer under the key: copy it to Redis and send it. */
+void idem_answered(struct api_req *r, int status, const char *body);
 
 /* lists.c */
 int lists_parse(const json_t *params, struct list_query *lq, struct params_error *err);

@@ -290,8 +290,46 @@ idem_resume(struct api_req *r)
         /* 'L': claimed and not finished; PostgreSQL knows whether its owner
          * still lives. */
     }
-    /* Claimed in Redis, or Redis could not say: PostgreSQL decides. */
+    if (r->idem_claims_itself && r->idem_redis != IDEM_REDIS_HELD) {
+        /* A new key, as far as Redis knows (or Redis could not say): the
+         * handler's own statement takes the claim, in its transaction. */
+        r->idem_deferred = true;
+        r->idem_owner = true;
+        request_claimed(r);
+        r->handler(r);
+        return;
+    }
+    /* Held in Redis, or a route that claims first: PostgreSQL decides. */
     idem_claim_pg(r);
+}
+
+char *
+idem_claim_json(struct api_req *r)
+{
+    if (!r->idem_deferred)
+        return NULL;
+    json_t *c =
+        json_pack("{s:s,s:s,s:s,s:s}", "key", r->idem_key, "method", "POST", "path",
+                  evhttp_uri_get_path(evhttp_request_get_evhttp_uri(r->req)), "hash", r->idem_hash);
+    char *text = json_dumps(c, JSON_COMPACT);
+    json_decref(c);
+    return text;
+}
+
+void
+idem_claim_taken(struct api_req *r)
+{
+    r->idem_owner = false;
+    r->claim_tries = 0;
+    idem_claim_pg(r);
+}
+
+void
+idem_answered(struct api_req *r, int status, const char *body)
+{
+    r->idem_owner = false; /* kept already, by the worker */
+    idem_redis_store(r, status, body);
+    request_send(r, status, body);
 }
 
 /* ---- storing the answer ---- */
@@ -341,12 +379,22 @@ idem_on_stored(void *arg, PGresult *res, const char *err)
     struct api_req *r = st->r;
     bool ok =
         res && (PQresultStatus(res) == PGRES_COMMAND_OK || PQresultStatus(res) == PGRES_TUPLES_OK);
-    /* The claim was taken over meanwhile: the new holder's answer is the key's. */
-    bool kept = ok && strcmp(PQcmdTuples(res), "0") != 0;
-    if (ok && !kept && !st->release)
-        log_warn("idempotency key row %s: claim taken over; this answer is not kept", st->row);
+    /* What the key keeps: this answer, or one kept first (the worker's
+     * outcome, while this request's CONFIRM_WAIT_MS ran out); none when the
+     * claim was taken over meanwhile (the new holder's answer is the key's). */
+    bool kept = false;
+    if (ok && !st->release) {
+        kept = PQntuples(res) == 1 && !PQgetisnull(res, 0, 0);
+        if (kept && strcmp(PQgetvalue(res, 0, 1), st->body) != 0) {
+            st->status = atoi(PQgetvalue(res, 0, 0));
+            free(st->body);
+            st->body = xstrdup(PQgetvalue(res, 0, 1));
+        } else if (!kept) {
+            log_warn("idempotency key row %s: claim taken over; this answer is not kept", st->row);
+        }
+    }
     if (r) {
-        if (kept && !st->release)
+        if (kept)
             idem_redis_store(r, st->status, st->body);
         st->r = NULL;
         request_send(r, st->status, st->body);
@@ -397,10 +445,8 @@ idem_write(struct idem_store *st)
     snprintf(code, sizeof(code), "%d", st->status);
     const char *params[4] = {st->row, code, st->body, st->holder};
     pgev_exec(st->api->pg,
-              "UPDATE idempotency_keys SET response_code = $2, response_body = $3,"
-              " locked_at = NULL, recovery_point = 'finished' WHERE id = $1 AND locked_by = $4"
-              " AND response_code IS NULL",
-              4, params, idem_on_stored, st);
+              "SELECT code, body FROM idempotency_store($1::bigint, $2::integer, $3, $4)", 4,
+              params, idem_on_stored, st);
 }
 
 void
@@ -418,6 +464,15 @@ idem_finish(struct api_req *r, int status, const char *body)
     if (st->release && redisev_connected(r->api->redis)) {
         const char *argv[2] = {"DEL", r->idem_redis_key};
         redisev_command(r->api->redis, NULL, NULL, 2, argv);
+    }
+    if (r->idem_row == 0) {
+        /* A claim its handler would have taken in its own statement, which
+         * never committed: no row to write (nothing was done). */
+        st->r = NULL;
+        request_send(r, status, body);
+        request_release(r);
+        idem_store_free(st);
+        return;
     }
     idem_write(st);
 }

@@ -95,6 +95,7 @@ intents_found(struct api_req *r, PGresult *res, const char *err)
 
 /* What a request says about its claim, for the fenced SQL functions. */
 struct intents_claim {
+    char *claim; /* a claim the statement takes itself (idem_claim_json), or NULL */
     char row[24];
     const char *row_or_null, *holder_or_null;
     char account[24], lease[24];
@@ -105,7 +106,7 @@ intents_claim(const struct api_req *r, struct intents_claim *c)
 {
     snprintf(c->row, sizeof(c->row), "%lld", (long long)r->idem_row);
     c->row_or_null = r->idem_row ? c->row : NULL;
-    c->holder_or_null = r->idem_row ? r->holder : NULL;
+    c->holder_or_null = r->idem_row || r->idem_deferred ? r->holder : NULL;
     snprintf(c->account, sizeof(c->account), "%lld", (long long)r->account_id);
     snprintf(c->lease, sizeof(c->lease), "%lld", (long long)INTENTS_LEASE(r->api));
 }
@@ -171,6 +172,16 @@ intents_on_job_reply(void *arg, int err, nng_msg *reply)
         log_warn("%s: bad worker reply: %s", r->route, envelope_strerror(e));
         if (request_open(r))
             intents_respond_object(r, r->pending_body);
+    } else if (request_open(r) && envelope_get(env.body, "answer_body")) {
+        /* The worker kept the answer under the key already: send just that. */
+        int64_t code = 0;
+        const msgpack_object *body = envelope_get(env.body, "answer_body");
+        envelope_get_int(env.body, "answer_code", &code);
+        char *text = body->type == MSGPACK_OBJECT_STR
+                         ? xstrndup(body->via.str.ptr, body->via.str.size)
+                         : xstrdup("{}");
+        idem_answered(r, (int)code, text);
+        free(text);
     } else if (request_open(r)) {
         if (obj && obj->type == MSGPACK_OBJECT_STR) {
             char *text = xstrndup(obj->via.str.ptr, obj->via.str.size);
@@ -227,7 +238,16 @@ intents_send_job(struct api_req *r, PGresult *res, const char *pending_body)
     size_t n;
     struct api *api = r->api;
     const struct config *cfg = &api->ctx->cfg;
-    void *bytes = jobs_message(r->id, shm_now_ms() + cfg->job_timeout_ms, res, 0, false, &n);
+    /* The worker keeps the outcome's answer under the key, in the outcome's
+     * own transaction (one commit fewer). */
+    const char *route = r->mroute == MR_PI_CREATE    ? "create"
+                        : r->mroute == MR_PI_CONFIRM ? "confirm"
+                        : r->mroute == MR_PI_CAPTURE ? "capture"
+                        : r->mroute == MR_PI_CANCEL  ? "cancel"
+                                                     : "refund";
+    struct jobs_answer answer = {r->idem_owner ? r->idem_row : 0, r->holder, route};
+    void *bytes =
+        jobs_message(r->id, shm_now_ms() + cfg->job_timeout_ms, res, 0, false, &answer, &n);
     if (!bytes) {
         intents_respond_object(r, pending_body);
         return;
@@ -256,6 +276,18 @@ intents_col(PGresult *res, const char *name)
     return PQgetisnull(res, 0, col) ? NULL : PQgetvalue(res, 0, col);
 }
 
+/* A statement that took its key's claim itself committed: the claim's row
+ * is this request's from now on. */
+static void
+intents_took_claim(struct api_req *r, PGresult *res)
+{
+    int col = PQfnumber(res, "idem_row");
+    if (!r->idem_deferred || col < 0 || PQntuples(res) != 1 || PQgetisnull(res, 0, col))
+        return;
+    r->idem_row = strtoll(PQgetvalue(res, 0, col), NULL, 10);
+    r->idem_deferred = false;
+}
+
 /* A pi_* function ran and found the intent (is_found); otherwise answers
  * and says no. */
 static bool
@@ -263,6 +295,7 @@ intents_locked(struct api_req *r, PGresult *res, const char *err)
 {
     if (!v1_rows(r, res, err))
         return false;
+    intents_took_claim(r, res);
     if (PQntuples(res) != 1 || strcmp(intents_col(res, "is_found"), "t") != 0) {
         v1_not_found(r, "payment_intent", "intent");
         return false;
@@ -287,6 +320,7 @@ intents_on_created(void *arg, PGresult *res, const char *err)
     struct api_req *r = arg;
     if (!v1_rows(r, res, err))
         return;
+    intents_took_claim(r, res);
     if (PQntuples(res) != 1 || !intents_col(res, "object")) {
         v1_db_error(r, "insert returned no row");
         return;
@@ -458,7 +492,8 @@ intents_create(struct api_req *r)
     ids_time_ordered(a.public_id, sizeof(a.public_id), "pi_", 8);
     struct intents_claim c;
     intents_claim(r, &c);
-    const char *params[15] = {a.public_id,
+    c.claim = idem_claim_json(r);
+    const char *params[16] = {a.public_id,
                               c.account,
                               a.amount,
                               a.currency,
@@ -472,13 +507,18 @@ intents_create(struct api_req *r)
                               r->api->ctx->cfg.providers[0].name,
                               c.row_or_null,
                               c.holder_or_null,
-                              c.lease};
-    pgev_exec(r->api->pg,
-              "SELECT r.object, r.status, r.public_id, j.* FROM pi_create($1, $2::bigint,"
-              " $3::bigint, $4, $5, $6, $7::jsonb, $8, $9, $10::boolean, $11, $12, $13::bigint,"
-              " $14, $15::bigint) r" JOBS_JOIN,
-              15, params, intents_on_created, r);
+                              c.lease,
+                              c.claim};
+    /* Creates waiting together for a connection share one transaction
+     * (sql/013_group_commit.sql). */
+    static const struct pgev_batch create = {
+        "SELECT r.object, r.status, r.public_id, r.idem_row, j.* FROM pi_create($1, $2::bigint,"
+        " $3::bigint, $4, $5, $6, $7::jsonb, $8, $9, $10::boolean, $11, $12, $13::bigint, $14,"
+        " $15::bigint, $16::jsonb) r" JOBS_JOIN,
+        "SELECT * FROM pi_create_batch($1::jsonb)", 64};
+    pgev_exec_batched(r->api->pg, &create, 16, params, intents_on_created, r);
     free(a.metadata);
+    free(c.claim);
 }
 
 /* ---- retrieve ---- */
@@ -633,13 +673,16 @@ intents_confirm(struct api_req *r)
         return;
     struct intents_claim c;
     intents_claim(r, &c);
-    const char *params[8] = {
-        r->id,         c.account,        pm,     capture, r->api->ctx->cfg.providers[0].name,
-        c.row_or_null, c.holder_or_null, c.lease};
+    c.claim = idem_claim_json(r);
+    const char *params[9] = {
+        r->id,         c.account,        pm,      capture, r->api->ctx->cfg.providers[0].name,
+        c.row_or_null, c.holder_or_null, c.lease, c.claim};
     pgev_exec(r->api->pg,
-              "SELECT r.is_found, r.status_before, r.has_pm, r.object, j.* FROM pi_confirm($1,"
-              " $2::bigint, $3, $4, $5, $6::bigint, $7, $8::bigint) r" JOBS_JOIN,
-              8, params, intents_on_confirm_started, r);
+              "SELECT r.is_found, r.status_before, r.has_pm, r.object, r.idem_row, j.* FROM"
+              " pi_confirm($1, $2::bigint, $3, $4, $5, $6::bigint, $7, $8::bigint, $9::jsonb) "
+              "r" JOBS_JOIN,
+              9, params, intents_on_confirm_started, r);
+    free(c.claim);
 }
 
 /* ---- capture and cancel ---- */

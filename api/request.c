@@ -28,6 +28,7 @@
 
 #include "api.h"
 #include "log.h"
+#include "wake.h"
 #include "xmalloc.h"
 
 static int request_live; /* requests not yet freed, for tests and leak checks */
@@ -53,8 +54,10 @@ request_live_count(void)
 void
 request_claimed(struct api_req *r)
 {
-    if (r->state != REQ_RECEIVED)
-        abort(); /* a handler started twice */
+    /* CLAIMED again: a handler that took its key itself found it taken,
+     * and runs once more after the key's row decided (idem.c). */
+    if (r->state != REQ_RECEIVED && r->state != REQ_CLAIMED)
+        abort();
     r->state = REQ_CLAIMED;
 }
 
@@ -129,7 +132,9 @@ request_send(struct api_req *r, int status, const char *body)
     if (r->timer)
         evtimer_del(r->timer);
     api_write(r, status, body);
-    request_release(r); /* the flow's */
+    if (r->method == EVHTTP_REQ_POST)
+        wake_outbox(r->api->wake); /* it may have committed events */
+    request_release(r);            /* the flow's */
 }
 
 void

@@ -47,6 +47,7 @@
 #include "metrics.h"
 #include "money.h"
 #include "redact.h"
+#include "wake.h"
 #include "xmalloc.h"
 
 /* Messages handled at once. Each holds an NNG context and at most one query;
@@ -281,11 +282,13 @@ saga_on_created(void *arg, PGresult *res, const char *err)
         return;
     }
     log_info("saga: order %s -> payment %s", order, payment_id);
+    wake_outbox(s->api->wake); /* payment_intent.created */
     saga_answer(r, &(struct saga_answer){.ok = true, .payment_id = payment_id});
 
     const struct config *cfg = &s->api->ctx->cfg;
     size_t n;
-    void *bytes = jobs_message(payment_id, shm_now_ms() + cfg->job_timeout_ms, res, 0, false, &n);
+    void *bytes =
+        jobs_message(payment_id, shm_now_ms() + cfg->job_timeout_ms, res, 0, false, NULL, &n);
     if (!bytes) {
         free(r);
         return;

@@ -93,9 +93,16 @@ v1_error(struct api_req *r, int status, const char *type, const char *code, cons
 }
 
 bool
-v1_claim_lost(struct api_req *r, PGresult *res)
+v1_claim_lost(struct api_req *r, PGresult *res, const char *err)
 {
-    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    char code[6];
+    const char *state = pgev_sqlstate(res, err, code);
+    if (state && strcmp(state, "PD011") == 0 && r->idem_deferred) {
+        /* The key has a row already: nothing was written; its row decides. */
+        r->idem_deferred = false;
+        idem_claim_taken(r);
+        return true;
+    }
     if (!state || strcmp(state, "PD010") != 0)
         return false;
     /* Another request took this key over (its holder was presumed dead):
@@ -114,14 +121,16 @@ bool
 v1_rows(struct api_req *r, PGresult *res, const char *err)
 {
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        if (v1_claim_lost(r, res))
+        if (v1_claim_lost(r, res, err))
             return false;
-        const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+        char code[6];
+        const char *state = pgev_sqlstate(res, err, code);
         if (state && strncmp(state, "PD", 2) == 0) {
             /* The state machine refused a change this code asked for: our
              * own invariant, not the database's availability. Nothing was
              * written (the statement failed whole). */
-            log_error("%s: refused by the state machine: %s", r->route, PQresultErrorMessage(res));
+            log_error("%s: refused by the state machine: %s", r->route,
+                      res ? PQresultErrorMessage(res) : err);
             r->not_executed = true;
             v1_error(r, 500, "api_error", NULL,
                      "The payment could not be changed (an internal rule refused it).", NULL);
@@ -368,6 +377,9 @@ v1_dispatch(struct api *api, struct evhttp_request *req)
     r->route = rt->name;
     r->mroute = rt->mroute;
     r->handler = rt->handler;
+    /* Create and confirm take their Idempotency-Key's claim in their own
+     * statement (one commit for both). */
+    r->idem_claims_itself = rt->handler == intents_create || rt->handler == intents_confirm;
     if (rt->unauthenticated) { /* gateway callbacks: their signature is their credential */
         request_claimed(r);
         r->handler(r);

@@ -32,12 +32,18 @@ jobs_has_attempt(PGresult *res, int row)
 
 void *
 jobs_message(const char *request_id, int64_t deadline_ms, PGresult *res, int row, bool redrive,
-             size_t *len)
+             const struct jobs_answer *answer, size_t *len)
 {
     if (!jobs_has_attempt(res, row))
         return NULL;
     struct envelope_writer w;
-    envelope_begin(&w, MSG_JOB, request_id, deadline_ms, 13);
+    bool keyed = answer && answer->idem_row > 0;
+    envelope_begin(&w, MSG_JOB, request_id, deadline_ms, keyed ? 16 : 13);
+    if (keyed) {
+        envelope_put_int(&w, "idem_row", answer->idem_row);
+        envelope_put_str(&w, "holder", answer->holder);
+        envelope_put_str(&w, "route", answer->route);
+    }
     envelope_put_int(&w, "attempt_id", strtoll(jobs_col(res, row, "attempt_id"), NULL, 10));
     envelope_put_str(&w, "key", jobs_col(res, row, "key"));
     envelope_put_str(&w, "op", jobs_col(res, row, "type"));

@@ -18,8 +18,15 @@
  * selects attempt_jobs' columns by name), or NULL when that row names no
  * attempt. redrive: the sweeps send an attempt whose answer may be lost, so
  * the worker asks the gateway what became of it first. Free the result. */
+/* The request a job answers: the worker keeps its answer under the key. */
+struct jobs_answer {
+    int64_t idem_row;   /* the Idempotency-Key's row, 0: none */
+    const char *holder; /* the request's claim on it */
+    const char *route;  /* create, confirm, capture, cancel, refund */
+};
+
 void *jobs_message(const char *request_id, int64_t deadline_ms, PGresult *res, int row,
-                   bool redrive, size_t *len);
+                   bool redrive, const struct jobs_answer *answer, size_t *len);
 
 /* True when row `row` of res names an attempt to send. */
 bool jobs_has_attempt(PGresult *res, int row);

@@ -34,6 +34,8 @@
 #include <string.h>
 #include <sys/queue.h>
 
+#include <jansson.h>
+
 #include "log.h"
 #include "net.h"
 #include "role.h"
@@ -61,6 +63,9 @@ struct pgev_query {
     void *arg;
     bool forgotten;
     int64_t queued_ms;
+    const struct pgev_batch *batch; /* it may share a transaction with others */
+    struct pgev_query **members;    /* a batch: the callers' runs it carries */
+    int nmembers;
 };
 TAILQ_HEAD(pgev_qlist, pgev_query);
 
@@ -166,12 +171,139 @@ pgev_query_free(struct pgev_query *q)
     free(q);
 }
 
+static void pgev_batch_complete(struct pgev_query *b, PGresult *res, const char *err);
+static int pgev_statement(struct pgev_pool *pool, const char *static_sql);
+
 static void
 pgev_complete(struct pgev_query *q, PGresult *res, const char *err)
 {
-    if (!q->forgotten)
+    if (q->members)
+        pgev_batch_complete(q, res, err);
+    else if (!q->forgotten)
         q->cb(q->arg, res, err);
+    free(q->members);
     pgev_query_free(q);
+}
+
+/* ---- group commit ---- */
+
+const char *
+pgev_sqlstate(PGresult *res, const char *err, char *out)
+{
+    const char *s = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    if (!s && err && strncmp(err, "SQLSTATE ", 9) == 0 && strlen(err) >= 14)
+        s = err + 9;
+    if (!s)
+        return NULL;
+    memcpy(out, s, 5);
+    out[5] = '\0';
+    return out;
+}
+
+/* One caller's share of a batch's result: its rows, and the columns after
+ * the caller's number and failure. */
+static PGresult *
+pgev_member_result(PGresult *res, int member)
+{
+    int ncols = PQnfields(res) - 2;
+    PGresAttDesc *att = xcalloc((size_t)(ncols > 0 ? ncols : 1), sizeof(*att));
+    for (int c = 0; c < ncols; c++) {
+        att[c].name = PQfname(res, c + 2);
+        att[c].tableid = PQftable(res, c + 2);
+        att[c].columnid = PQftablecol(res, c + 2);
+        att[c].format = PQfformat(res, c + 2);
+        att[c].typid = PQftype(res, c + 2);
+        att[c].typlen = PQfsize(res, c + 2);
+        att[c].atttypmod = PQfmod(res, c + 2);
+    }
+    PGresult *m = PQmakeEmptyPGresult(NULL, PGRES_TUPLES_OK);
+    if (!m || !PQsetResultAttrs(m, ncols, att))
+        abort(); /* out of memory */
+    free(att);
+    int out = 0;
+    for (int r = 0; r < PQntuples(res); r++) {
+        if (atoi(PQgetvalue(res, r, 0)) != member)
+            continue;
+        for (int c = 0; c < ncols; c++) {
+            bool null = PQgetisnull(res, r, c + 2);
+            if (!PQsetvalue(m, out, c, null ? NULL : PQgetvalue(res, r, c + 2),
+                            null ? -1 : PQgetlength(res, r, c + 2)))
+                abort();
+        }
+        out++;
+    }
+    return m;
+}
+
+static void
+pgev_batch_complete(struct pgev_query *b, PGresult *res, const char *err)
+{
+    bool ok = res && PQresultStatus(res) == PGRES_TUPLES_OK;
+    char failed[300];
+    if (!ok)
+        snprintf(failed, sizeof(failed), "%s",
+                 err ? err : (res ? PQresultErrorMessage(res) : "batch failed"));
+    for (int i = 0; i < b->nmembers; i++) {
+        struct pgev_query *q = b->members[i];
+        const char *mine = ok ? NULL : failed;
+        for (int r = 0; ok && r < PQntuples(res); r++) {
+            if (atoi(PQgetvalue(res, r, 0)) == i + 1 && !PQgetisnull(res, r, 1))
+                mine = PQgetvalue(res, r, 1);
+        }
+        if (mine) {
+            if (ok) /* the batch's error column: the caller's own failure */
+                log_debug("postgres: a batched run failed: %s", mine);
+            pgev_complete(q, NULL, mine);
+            continue;
+        }
+        PGresult *m = pgev_member_result(res, i + 1);
+        pgev_complete(q, m, NULL);
+        PQclear(m);
+    }
+}
+
+/* Takes the queued runs of q's statement (q first) into one batch query,
+ * or returns q when it runs alone. */
+static struct pgev_query *
+pgev_batch_gather(struct pgev_pool *pool, struct pgev_query *q)
+{
+    const struct pgev_batch *kind = q->batch;
+    struct pgev_query *members[256];
+    int n = 0, max = kind->max < 256 ? kind->max : 256;
+    members[n++] = q;
+    for (struct pgev_query *o = TAILQ_FIRST(&pool->queue), *next; o && n < max; o = next) {
+        next = TAILQ_NEXT(o, link);
+        if (o->batch != kind || o->forgotten)
+            continue;
+        TAILQ_REMOVE(&pool->queue, o, link);
+        pool->queued--;
+        members[n++] = o;
+    }
+    if (n == 1)
+        return q;
+    json_t *all = json_array();
+    for (int i = 0; i < n; i++) {
+        json_t *one = json_array();
+        for (int p = 0; p < members[i]->nparams; p++) {
+            const char *v = members[i]->params[p];
+            json_array_append_new(one, v ? json_string(v) : json_null());
+        }
+        json_array_append_new(all, one);
+    }
+    char *text = json_dumps(all, JSON_COMPACT);
+    json_decref(all);
+    struct pgev_query *b = xcalloc(1, sizeof(*b));
+    b->id = ++pool->next_id;
+    b->stmt = pgev_statement(pool, kind->batch_sql);
+    b->sql = b->stmt < 0 ? xstrdup(kind->batch_sql) : NULL;
+    b->nparams = 1;
+    b->params = xcalloc(1, sizeof(char *));
+    b->params[0] = text;
+    b->queued_ms = q->queued_ms;
+    b->members = xcalloc((size_t)n, sizeof(*b->members));
+    memcpy(b->members, members, (size_t)n * sizeof(*members));
+    b->nmembers = n;
+    return b;
 }
 
 static void
@@ -454,6 +586,8 @@ pgev_dispatch(struct pgev_pool *pool)
             i--;
             continue;
         }
+        if (q->batch)
+            q = pgev_batch_gather(pool, q);
         pgev_send(c, q);
     }
 }
@@ -590,9 +724,10 @@ pgev_pool_new(struct event_base *base, const struct config *cfg, int size)
 
 static unsigned long
 pgev_enqueue(struct pgev_pool *pool, int stmt, const char *sql, int nparams,
-             const char *const *params, pgev_cb cb, void *arg)
+             const char *const *params, pgev_cb cb, void *arg, const struct pgev_batch *batch)
 {
     struct pgev_query *q = xcalloc(1, sizeof(*q));
+    q->batch = batch;
     q->id = ++pool->next_id;
     q->stmt = stmt;
     q->sql = stmt < 0 ? xstrdup(sql) : NULL;
@@ -620,12 +755,12 @@ unsigned long
 pgev_query(struct pgev_pool *pool, const char *sql, int nparams, const char *const *params,
            pgev_cb cb, void *arg)
 {
-    return pgev_enqueue(pool, -1, sql, nparams, params, cb, arg);
+    return pgev_enqueue(pool, -1, sql, nparams, params, cb, arg, NULL);
 }
 
-unsigned long
-pgev_exec(struct pgev_pool *pool, const char *static_sql, int nparams, const char *const *params,
-          pgev_cb cb, void *arg)
+/* The prepared statement's index for static_sql, or -1 when the table is full. */
+static int
+pgev_statement(struct pgev_pool *pool, const char *static_sql)
 {
     /* Statements are known by their address: the caller's string literal. */
     int stmt;
@@ -633,10 +768,26 @@ pgev_exec(struct pgev_pool *pool, const char *static_sql, int nparams, const cha
         ;
     if (stmt == pool->nstatements) {
         if (pool->nstatements == PGEV_MAX_PREPARED)
-            return pgev_enqueue(pool, -1, static_sql, nparams, params, cb, arg);
+            return -1;
         pool->statements[pool->nstatements++] = static_sql;
     }
-    return pgev_enqueue(pool, stmt, NULL, nparams, params, cb, arg);
+    return stmt;
+}
+
+unsigned long
+pgev_exec(struct pgev_pool *pool, const char *static_sql, int nparams, const char *const *params,
+          pgev_cb cb, void *arg)
+{
+    int stmt = pgev_statement(pool, static_sql);
+    return pgev_enqueue(pool, stmt, stmt < 0 ? static_sql : NULL, nparams, params, cb, arg, NULL);
+}
+
+unsigned long
+pgev_exec_batched(struct pgev_pool *pool, const struct pgev_batch *b, int nparams,
+                  const char *const *params, pgev_cb cb, void *arg)
+{
+    int stmt = pgev_statement(pool, b->single_sql);
+    return pgev_enqueue(pool, stmt, stmt < 0 ? b->single_sql : NULL, nparams, params, cb, arg, b);
 }
 
 void

@@ -32,6 +32,30 @@ unsigned long pgev_query(struct pgev_pool *pool, const char *sql, int nparams,
 unsigned long pgev_exec(struct pgev_pool *pool, const char *static_sql, int nparams,
                         const char *const *params, pgev_cb cb, void *arg);
 
+/* A statement that many callers' runs may share one transaction (group
+ * commit). batch_sql takes $1, a JSON array with each caller's parameters
+ * (an array of strings and nulls), and returns rows whose first column is
+ * the caller's number (1, 2, ... in the array's order) and second its
+ * failure ("SQLSTATE XXXXX: message", or NULL: each caller's run is its own
+ * savepoint, so one failing leaves the others' intact), then the columns
+ * single_sql returns. Both strings have static storage. */
+struct pgev_batch {
+    const char *single_sql;
+    const char *batch_sql;
+    int max; /* callers in one transaction at most */
+};
+
+/* Like pgev_exec(), but when this pool's connections are all busy, the
+ * queued runs of the same statement go in one transaction when a
+ * connection frees; each callback gets a result of its own rows and
+ * single_sql's columns, or NULL and the failure ("SQLSTATE XXXXX: ..."). */
+unsigned long pgev_exec_batched(struct pgev_pool *pool, const struct pgev_batch *b, int nparams,
+                                const char *const *params, pgev_cb cb, void *arg);
+
+/* The SQLSTATE of a failed query (out, 6 bytes), from its result or, for a
+ * run that failed inside a batch, from err; NULL when none is known. */
+const char *pgev_sqlstate(PGresult *res, const char *err, char *out);
+
 /* The caller no longer wants the answer of query id: its callback is not called. */
 void pgev_forget(struct pgev_pool *pool, unsigned long id);
 

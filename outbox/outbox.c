@@ -5,8 +5,10 @@
  * Offers outbox_main(), run by role_run() in the outbox process. Every
  * state change writes its event into the outbox table in the same
  * transaction; this role gets each of them out, at least once:
- *   - it wakes on PostgreSQL's NOTIFY (a trigger on insert) and also polls
- *     every OUTBOX_POLL_MS, so a lost notification only delays;
+ *   - it wakes when a writer (api, worker) says it committed events, an
+ *     NNG message on its PULL socket (common/wake.c; no NOTIFY, which would
+ *     make those commits queue on a database-wide lock), and also polls
+ *     every OUTBOX_POLL_MS, so a lost wake-up only delays;
  *   - it claims a batch with FOR UPDATE SKIP LOCKED, taking only the oldest
  *     pending event of each payment, so that two dispatchers (two hosts)
  *     can run side by side and events of one payment still go out in order;
@@ -32,6 +34,7 @@
  */
 #include <event2/buffer.h>
 #include <nng/nng.h>
+#include <nng/protocol/pipeline0/pull.h>
 #include <nng/protocol/pubsub0/pub.h>
 #include <nng/protocol/reqrep0/rep.h>
 #include <stdio.h>
@@ -44,6 +47,7 @@
 #include "outbox.h"
 #include "pgev.h"
 #include "role.h"
+#include "wake.h"
 #include "xmalloc.h"
 
 #define OUTBOX_BATCH     "200"
@@ -51,8 +55,8 @@
 
 struct outbox {
     struct role_ctx *ctx;
-    struct pgev_pool *pg;     /* claims and marks */
-    struct pgev_pool *listen; /* one connection, LISTEN outbox */
+    struct pgev_pool *pg; /* claims and marks */
+    nng_socket wake;      /* PULL: writers' wake-ups after a commit */
     nng_socket pub;
     bool busy;  /* a claim or mark is in flight */
     bool open;  /* the start delay has passed */
@@ -225,11 +229,11 @@ outbox_kick(struct outbox *o)
               2, params, outbox_on_claimed, o);
 }
 
+/* A writer committed events (common/wake.c). */
 static void
-outbox_on_notify(void *arg, const char *channel, const char *payload)
+outbox_on_wake(void *arg, nng_msg *msg)
 {
-    (void)channel;
-    (void)payload;
+    nng_msg_free(msg);
     outbox_kick(arg);
 }
 
@@ -368,8 +372,13 @@ outbox_main(struct role_ctx *ctx)
     }
     snprintf(o.lease, sizeof(o.lease), "%lld", (long long)cfg->outbox_lease_ms);
     o.pg = pgev_pool_new(ctx->base, cfg, 2);
-    o.listen = pgev_pool_new(ctx->base, cfg, 1);
-    pgev_pool_on_connect(o.listen, "LISTEN outbox", outbox_on_notify, &o);
+    wake_url(cfg, url, sizeof(url));
+    if ((rv = nng_pull0_open(&o.wake)) != 0 || (rv = nng_listen(o.wake, url, NULL, 0)) != 0) {
+        log_error("cannot listen for wake-ups at %s: %s", url, nng_strerror(rv));
+        return EXIT_ROLE_FAILURE;
+    }
+    nngev_receive(ctx->nngev, o.wake, outbox_on_wake, &o);
+    role_events_url(cfg, url, sizeof(url));
     o.poll = event_new(ctx->base, -1, EV_PERSIST, outbox_on_poll, &o);
     struct timeval tv = {(time_t)(cfg->outbox_poll_ms / 1000),
                          (suseconds_t)((cfg->outbox_poll_ms % 1000) * 1000)};
@@ -388,7 +397,7 @@ outbox_main(struct role_ctx *ctx)
     deliver_stop(o.deliver);
     event_free(o.poll);
     event_free(open);
-    pgev_pool_free(o.listen);
+    nng_close(o.wake);
     pgev_pool_free(o.pg);
     nng_close(o.pub);
     nng_close(ping);

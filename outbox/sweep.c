@@ -72,7 +72,7 @@ sweep_send(struct sweep *s, PGresult *res, bool redrive)
     for (int i = 0; i < PQntuples(res); i++) {
         size_t n;
         void *bytes = jobs_message(PQgetvalue(res, i, 0), shm_now_ms() + cfg->job_timeout_ms, res,
-                                   i, redrive, &n);
+                                   i, redrive, NULL, &n);
         if (!bytes)
             continue;
         nngev_request(s->ctx->nngev, s->workers, nngev_msg(bytes, n), (int)cfg->job_timeout_ms,

@@ -100,11 +100,20 @@ CREATE INDEX payment_transactions_lease ON payment_transactions (lease_until)
     WHERE status = 'pending';
 
 -- The sweeps find work through the attempts now; requires_capture expires too.
+-- Every update of a payment changes its status; an index whose key or
+-- predicate holds a column that changes would make each of them rewrite
+-- every index (no HOT update). expires_at is set only while the payment can
+-- expire (the transition trigger keeps it), so a create+confirm that
+-- succeeds never touches it; the charge ids live on the attempts.
 DROP INDEX payment_intents_processing;
 DROP INDEX payment_intents_expiring;
+DROP INDEX payment_intents_latest_charge;
 CREATE INDEX payment_intents_expiring ON payment_intents (expires_at)
-    WHERE status IN ('requires_payment_method', 'requires_confirmation', 'requires_action',
-                     'requires_capture');
+    WHERE expires_at IS NOT NULL;
+UPDATE payment_intents SET expires_at = NULL
+    WHERE status NOT IN ('requires_payment_method', 'requires_confirmation', 'requires_action',
+                         'requires_capture');
+ALTER TABLE payment_intents SET (fillfactor = 85);
 -- Authorizations made before never expired: they get their 7 days from now.
 UPDATE payment_intents SET expires_at = now() + interval '7 days'
     WHERE status = 'requires_capture';
@@ -167,6 +176,15 @@ BEGIN
     END IF;
     NEW.last_transition := NEW.transition;
     NEW.transition := NULL;
+    -- When it expires: 24 h after creation while open, 7 days after an
+    -- authorization, never once final; a payment in flight keeps what it had.
+    NEW.expires_at := CASE
+        WHEN NEW.status IN ('succeeded', 'canceled') THEN NULL
+        WHEN NEW.status = 'requires_capture' AND v_from <> 'requires_capture'
+            THEN now() + interval '7 days'
+        WHEN NEW.status IN ('requires_payment_method', 'requires_confirmation', 'requires_action')
+            THEN coalesce(NEW.expires_at, NEW.created_at + interval '24 hours')
+        ELSE NEW.expires_at END;
     -- A new row's event is written once it is certainly inserted (AFTER
     -- INSERT: an INSERT ... ON CONFLICT DO NOTHING fires this trigger too).
     IF TG_OP = 'UPDATE' THEN
@@ -251,6 +269,91 @@ BEGIN
 END
 $$;
 
+-- The claim of a key, taken by the statement that does the request's work
+-- (create, confirm): one commit for both. A key that exists already raises
+-- PD011 and writes nothing; the api then decides from the row (a replay,
+-- other parameters, in flight, its holder gone).
+CREATE FUNCTION idempotency_take(p_account bigint, p_claim jsonb, p_holder text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    r bigint;
+BEGIN
+    INSERT INTO idempotency_keys (account_id, idempotency_key, request_method, request_path,
+        request_hash, locked_at, locked_by)
+    VALUES (p_account, p_claim ->> 'key', p_claim ->> 'method', p_claim ->> 'path',
+        decode(p_claim ->> 'hash', 'hex'), now(), p_holder)
+    ON CONFLICT (account_id, idempotency_key) DO NOTHING RETURNING id INTO r;
+    IF r IS NULL THEN
+        RAISE EXCEPTION 'idempotency key exists' USING ERRCODE = 'PD011';
+    END IF;
+    RETURN r;
+END
+$$;
+
+-- The answer kept under a key, written once: the first writer (the worker
+-- with the outcome, or the api with "processing" after CONFIRM_WAIT_MS)
+-- wins, and both send what was kept, so a replay is the first answer byte
+-- for byte. A claim taken over keeps nothing of this request (NULLs).
+CREATE FUNCTION idempotency_store(p_row bigint, p_code integer, p_body text, p_holder text,
+    OUT code integer, OUT body text)
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE idempotency_keys SET response_code = p_code, response_body = p_body,
+        locked_at = NULL, recovery_point = 'finished'
+    WHERE id = p_row AND locked_by = p_holder AND response_code IS NULL
+    RETURNING response_code, response_body INTO code, body;
+    IF NOT FOUND THEN
+        SELECT response_code, response_body INTO code, body FROM idempotency_keys
+            WHERE id = p_row AND locked_by = p_holder;
+    END IF;
+END
+$$;
+
+-- What the api answers for an operation's outcome (route: create or
+-- confirm, capture, cancel, refund), as Stripe does: a declined create or
+-- confirm is 402 card_error with the intent; a capture the gateway refused
+-- 400; a cancel that lost to a completed charge 400.
+CREATE FUNCTION api_answer(p_route text, p_object json, OUT code integer, OUT body text)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    st text := p_object ->> 'status';
+    err jsonb;
+BEGIN
+    code := 200;
+    body := p_object::text;
+    IF p_object ->> 'object' <> 'payment_intent' THEN
+        RETURN;
+    END IF;
+    IF p_route IN ('create', 'confirm') AND st = 'requires_payment_method'
+       AND json_typeof(p_object -> 'last_payment_error') = 'object' THEN
+        code := 402;
+        err := (p_object -> 'last_payment_error')::jsonb
+               || jsonb_build_object('payment_intent', p_object::jsonb);
+    ELSIF p_route = 'capture' AND st = 'requires_capture' THEN
+        code := 400;
+        err := jsonb_build_object('type', 'invalid_request_error', 'code', 'capture_refused',
+            'message', 'The payment gateway refused to capture this PaymentIntent; its '
+                       'authorization stands and can be captured again or canceled.');
+    ELSIF p_route = 'capture' AND st = 'canceled' THEN
+        code := 400;
+        err := jsonb_build_object('type', 'invalid_request_error',
+            'code', 'charge_expired_for_capture',
+            'message', 'The authorization of this PaymentIntent expired or was voided at the '
+                       'gateway; it was canceled and nothing was captured.');
+    ELSIF (p_route = 'capture' AND st NOT IN ('succeeded', 'processing'))
+          OR (p_route = 'cancel' AND st NOT IN ('canceled', 'processing')) THEN
+        code := 400;
+        err := jsonb_build_object('type', 'invalid_request_error',
+            'code', 'payment_intent_unexpected_state',
+            'message', format('You cannot %s this PaymentIntent because it has a status of %s.',
+                              p_route, st));
+    END IF;
+    IF err IS NOT NULL THEN
+        body := jsonb_build_object('error', err)::text;
+    END IF;
+END
+$$;
+
 CREATE FUNCTION idempotency_progress(p_row bigint, p_point text, p_resource bigint) RETURNS void
 LANGUAGE sql AS $$
     UPDATE idempotency_keys SET recovery_point = p_point, resource_id = p_resource
@@ -322,26 +425,33 @@ $$;
 
 -- ---- the api's operations ----
 
+-- p_claim: the Idempotency-Key's claim to take in this same transaction
+-- ({key, method, path, hash}), or NULL (no key, or claimed already: p_idem).
 CREATE FUNCTION pi_create(p_public text, p_account bigint, p_amount bigint, p_currency text,
     p_customer text, p_description text, p_metadata jsonb, p_capture text, p_pm text,
     p_confirm boolean, p_order text, p_provider text, p_idem bigint, p_holder text,
-    p_lease_ms bigint,
-    OUT object text, OUT status text, OUT public_id text, OUT attempt_id bigint, OUT created boolean)
+    p_lease_ms bigint, p_claim jsonb DEFAULT NULL,
+    OUT object text, OUT status text, OUT public_id text, OUT attempt_id bigint, OUT created boolean,
+    OUT idem_row bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
     p payment_intents;
 BEGIN
+    IF p_claim IS NOT NULL THEN
+        p_idem := idempotency_take(p_account, p_claim, p_holder);
+    END IF;
+    idem_row := p_idem;
     PERFORM idempotency_hold(p_idem, p_holder);
     INSERT INTO payment_intents (public_id, account_id, order_id, amount, currency, customer,
         description, metadata, capture_method, payment_method, status, transition,
-        gateway_provider, expires_at)
+        gateway_provider)
     VALUES (p_public, p_account, p_order, p_amount, p_currency, p_customer, p_description,
         coalesce(p_metadata, '{}'), coalesce(p_capture, 'automatic'), p_pm,
         CASE WHEN p_confirm THEN 'processing' WHEN p_pm IS NOT NULL THEN 'requires_confirmation'
              ELSE 'requires_payment_method' END,
         CASE WHEN p_confirm THEN 'create.confirm' WHEN p_pm IS NOT NULL
              THEN 'create.with_payment_method' ELSE 'create' END,
-        CASE WHEN p_confirm THEN p_provider END, now() + interval '24 hours')
+        CASE WHEN p_confirm THEN p_provider END)
     ON CONFLICT (account_id, order_id) WHERE order_id IS NOT NULL DO NOTHING
     RETURNING * INTO p;
     IF NOT FOUND THEN -- this order has its payment already
@@ -427,13 +537,17 @@ END
 $$;
 
 CREATE FUNCTION pi_confirm(p_public text, p_account bigint, p_pm text, p_capture text,
-    p_provider text, p_idem bigint, p_holder text, p_lease_ms bigint,
+    p_provider text, p_idem bigint, p_holder text, p_lease_ms bigint, p_claim jsonb DEFAULT NULL,
     OUT is_found boolean, OUT status_before text, OUT has_pm boolean, OUT object text,
-    OUT attempt_id bigint)
+    OUT attempt_id bigint, OUT idem_row bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
     p payment_intents;
 BEGIN
+    IF p_claim IS NOT NULL THEN
+        p_idem := idempotency_take(p_account, p_claim, p_holder);
+    END IF;
+    idem_row := p_idem;
     p := pi_lock(p_public, p_account, p_idem, p_holder);
     is_found := p.id IS NOT NULL;
     IF NOT is_found THEN
@@ -594,10 +708,7 @@ BEGIN
                               ELSE coalesce(a.payment_method, payment_method) END,
         capture_method = CASE a.type WHEN 'authorization' THEN 'manual' ELSE 'automatic' END,
         latest_charge = coalesce(nullif(p_gateway_id, ''), a.gateway_transaction_id, latest_charge),
-        gateway_intent_id = coalesce(gateway_intent_id, nullif(p_gateway_id, '')),
         gateway_provider = a.gateway_provider,
-        expires_at = CASE WHEN st = 'requires_capture' THEN now() + interval '7 days'
-                          ELSE expires_at END,
         version = version + 1, updated_at = now()
     WHERE id = p.id;
     RETURN true;

@@ -372,18 +372,29 @@ ALTER FUNCTION attempt_apply(bigint, text, text, bigint, text, text, text, text,
     RENAME TO attempt_apply_payment;
 CREATE FUNCTION attempt_apply(p_attempt bigint, p_state text, p_gateway_id text, p_amount bigint,
     p_code text, p_decline text, p_message text, p_first_provider text, p_lease_ms bigint,
+    p_idem bigint DEFAULT NULL, p_holder text DEFAULT NULL, p_route text DEFAULT NULL,
     OUT applied boolean, OUT object text, OUT status text, OUT next_attempt bigint,
-    OUT age_us bigint, OUT received bigint)
+    OUT age_us bigint, OUT received bigint, OUT answer_code integer, OUT answer_body text)
 LANGUAGE plpgsql AS $$
+DECLARE
+    a record;
 BEGIN
     IF (SELECT type FROM payment_transactions WHERE id = p_attempt) IN ('refund', 'refund_cancel') THEN
         SELECT x.applied, x.object, x.status INTO applied, object, status
             FROM refund_apply(p_attempt, p_state, p_gateway_id,
                               coalesce(nullif(p_decline, ''), nullif(p_code, ''))) x;
-        RETURN;
+    ELSE
+        SELECT * INTO applied, object, status, next_attempt, age_us, received
+            FROM attempt_apply_payment(p_attempt, p_state, p_gateway_id, p_amount, p_code,
+                                       p_decline, p_message, p_first_provider, p_lease_ms);
     END IF;
-    SELECT * INTO applied, object, status, next_attempt, age_us, received
-        FROM attempt_apply_payment(p_attempt, p_state, p_gateway_id, p_amount, p_code, p_decline,
-                                   p_message, p_first_provider, p_lease_ms);
+    -- The request that started this job is answered by this very outcome
+    -- (no further attempt, nothing left pending): its answer is kept under
+    -- its Idempotency-Key in this same transaction.
+    IF p_idem IS NOT NULL AND next_attempt IS NULL AND status <> 'processing' THEN
+        SELECT * INTO a FROM api_answer(p_route, object::json);
+        SELECT x.code, x.body INTO answer_code, answer_body
+            FROM idempotency_store(p_idem, a.code, a.body, p_holder) x;
+    END IF;
 END
 $$;

@@ -47,6 +47,7 @@
 #include "metrics.h"
 #include "pgev.h"
 #include "role.h"
+#include "wake.h"
 #include "xmalloc.h"
 
 #define JOB_BACKOFF_BASE_MS 100
@@ -61,6 +62,7 @@ struct worker {
     nng_socket sock;
     int jobs;
     char lease[24];
+    struct wake *wake; /* tells the outbox about committed events */
 };
 
 /* What the job does next with its attempt. */
@@ -86,6 +88,10 @@ struct job {
     bool tried_before[CONFIG_MAX_PROVIDERS];
     char why[256];     /* why the current provider is being left */
     char recorded[20]; /* the state last recorded for the attempt */
+    /* The api request this job answers, whose answer the outcome's own
+     * statement keeps under its Idempotency-Key (idem_row 0: none). */
+    int64_t idem_row;
+    char holder[160], route[16];
     int tries;
     int chain;
     int64_t gateway_started_us;
@@ -104,15 +110,20 @@ worker_jobs_changed(struct worker *w, int delta)
 /* ---- replies ---- */
 
 static void
-job_reply(struct job *j, const char *object, const char *error)
+job_reply_answer(struct job *j, const char *object, const char *error, int answer_code,
+                 const char *answer_body)
 {
     struct envelope_writer w;
     size_t n;
-    envelope_begin(&w, MSG_JOB_REPLY, j->request_id, 0, 1);
+    envelope_begin(&w, MSG_JOB_REPLY, j->request_id, 0, answer_body ? 3 : 1);
     if (object)
         envelope_put_str(&w, "object", object);
     else
         envelope_put_str(&w, "error", error ? error : "failed");
+    if (answer_body) {
+        envelope_put_int(&w, "answer_code", answer_code);
+        envelope_put_str(&w, "answer_body", answer_body);
+    }
     void *bytes = envelope_finish(&w, &n);
     nngev_respond(j->nj, nngev_msg(bytes, n));
     free(bytes);
@@ -120,6 +131,12 @@ job_reply(struct job *j, const char *object, const char *error)
         event_free(j->retry);
     worker_jobs_changed(j->w, -1);
     free(j);
+}
+
+static void
+job_reply(struct job *j, const char *object, const char *error)
+{
+    job_reply_answer(j, object, error, 0, NULL);
 }
 
 static void
@@ -272,6 +289,7 @@ job_on_recorded(void *arg, PGresult *res, const char *err)
         return;
     }
     const char *status = job_col(res, 0, "status");
+    wake_outbox(j->w->wake);
     if (strcmp(job_col(res, 0, "applied"), "t") == 0 && job_is_refund(j))
         job_count_refund(j, status);
     else if (strcmp(job_col(res, 0, "applied"), "t") == 0)
@@ -290,7 +308,11 @@ job_on_recorded(void *arg, PGresult *res, const char *err)
         job_run(j);
         return;
     }
-    job_reply(j, job_col(res, 0, "object"), NULL);
+    int col = PQfnumber(res, "answer_body");
+    bool answered = col >= 0 && !PQgetisnull(res, 0, col);
+    job_reply_answer(j, job_col(res, 0, "object"), NULL,
+                     answered ? atoi(job_col(res, 0, "answer_code")) : 0,
+                     answered ? PQgetvalue(res, 0, col) : NULL);
 }
 
 /* Records what the gateway says about the attempt's charge: state is one
@@ -299,24 +321,32 @@ job_on_recorded(void *arg, PGresult *res, const char *err)
 static void
 job_record(struct job *j, const char *state, const struct gw_result *r)
 {
-    char id[24], amount[24];
+    char id[24], amount[24], idem[24];
     snprintf(id, sizeof(id), "%lld", (long long)j->attempt_id);
     snprintf(amount, sizeof(amount), "%lld", (long long)r->amount);
-    const char *params[9] = {id,
-                             state,
-                             r->charge_id[0] ? r->charge_id : NULL,
-                             amount,
-                             r->code[0] ? r->code : NULL,
-                             r->decline_code[0] ? r->decline_code : NULL,
-                             r->message[0] ? r->message : NULL,
-                             j->w->gw[0]->name,
-                             j->w->lease};
+    snprintf(idem, sizeof(idem), "%lld", (long long)j->idem_row);
+    const char *params[12] = {id,
+                              state,
+                              r->charge_id[0] ? r->charge_id : NULL,
+                              amount,
+                              r->code[0] ? r->code : NULL,
+                              r->decline_code[0] ? r->decline_code : NULL,
+                              r->message[0] ? r->message : NULL,
+                              j->w->gw[0]->name,
+                              j->w->lease,
+                              j->idem_row ? idem : NULL,
+                              j->idem_row ? j->holder : NULL,
+                              j->idem_row ? j->route : NULL};
     log_info("payment %s: %s %s -> %s", j->public_id, j->op, j->key, state);
     snprintf(j->recorded, sizeof(j->recorded), "%s", state);
-    pgev_exec(j->w->pg,
-              "SELECT r.*, j.* FROM attempt_apply($1::bigint, $2, $3, $4::bigint, $5, $6, $7,"
-              " $8, $9::bigint) r LEFT JOIN LATERAL attempt_job(r.next_attempt) j ON true",
-              9, params, job_on_recorded, j);
+    /* Outcomes waiting together for a connection share one transaction
+     * (sql/013_group_commit.sql). */
+    static const struct pgev_batch apply = {
+        "SELECT r.*, j.* FROM attempt_apply($1::bigint, $2, $3, $4::bigint, $5, $6, $7, $8,"
+        " $9::bigint, $10::bigint, $11, $12) r LEFT JOIN LATERAL attempt_job(r.next_attempt) j"
+        " ON true",
+        "SELECT * FROM attempt_apply_batch($1::jsonb)", 64};
+    pgev_exec_batched(j->w->pg, &apply, 12, params, job_on_recorded, j);
 }
 
 static const char *
@@ -723,6 +753,11 @@ job_decode(struct job *j, const struct envelope *env)
     if (!job_is_charge(j) && !j->target[0] && !j->target_key[0])
         return -1; /* a capture or void names the charge it acts on */
     j->step = redrive ? STEP_REDRIVE : STEP_CALL;
+    if (envelope_get(b, "idem_row") &&
+        (envelope_get_int(b, "idem_row", &j->idem_row) < 0 ||
+         envelope_get_str(b, "holder", j->holder, sizeof(j->holder)) < 0 ||
+         envelope_get_str(b, "route", j->route, sizeof(j->route)) < 0 || j->idem_row <= 0))
+        return -1;
     return 0;
 }
 
@@ -790,6 +825,7 @@ worker_main(struct role_ctx *ctx)
     snprintf(w.lease, sizeof(w.lease), "%lld", (long long)cfg->processing_lease_ms);
     w.pg = pgev_pool_new(ctx->base, cfg, cfg->db_pool_size);
     w.curl = curlev_new(ctx->base);
+    w.wake = wake_new(cfg);
     for (int i = 0; i < cfg->n_providers && i < SHM_MAX_BREAKERS; i++)
         w.gw[w.n_gw++] = gateway_sim_new(w.curl, cfg->providers[i].name, cfg->providers[i].url,
                                          cfg->providers[i].key, (long)cfg->gateway_timeout_ms);
@@ -800,6 +836,7 @@ worker_main(struct role_ctx *ctx)
     for (int i = 0; i < w.n_gw; i++)
         w.gw[i]->free(w.gw[i]);
     curlev_free(w.curl);
+    wake_free(w.wake);
     pgev_pool_free(w.pg);
     return 0;
 }
