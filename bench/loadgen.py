@@ -6,7 +6,7 @@ wrk cannot produce.
 Latency is measured from each request's *scheduled* start, so a server that
 falls behind shows it (no coordinated omission). Prints one JSON object.
 
-  loadgen.py open   --port P --key K --rate R --duration S [--mix]
+  loadgen.py open   --port P --key K --rate R --duration S [--mix | --replay-key IK]
   loadgen.py burst  --port P --key K --count N
 """
 import argparse
@@ -168,6 +168,18 @@ async def flow_one_call(c, rec, scheduled):
     rec.ok(scheduled)
 
 
+async def flow_replay(c, rec, scheduled):
+    st, _ = await c.request("POST", "/v1/payment_intents",
+                            {"amount": 2000, "currency": "usd", "payment_method": "pm_card_visa", "confirm": "true"},
+                            idem=REPLAY_KEY[0])
+    if st != 200:
+        rec.errors += 1
+        return
+    rec.ok(scheduled)
+
+
+REPLAY_KEY = [None]
+
 MIX = [(0.70, flow_create_confirm), (0.15, flow_status), (0.10, flow_create_cancel), (0.05, flow_healthz)]
 
 
@@ -198,11 +210,11 @@ async def run_open(args):
         delay = scheduled - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        flow = pick_mix() if args.mix else flow_one_call
+        flow = pick_mix() if args.mix else flow_replay if args.replay_key else flow_one_call
         tasks.append(asyncio.create_task(guarded(flow, c, rec, scheduled)))
     await asyncio.gather(*tasks)
     elapsed = time.monotonic() - start
-    out = {"mode": "mix" if args.mix else "open", "target_rate": args.rate, "flows": n,
+    out = {"mode": "mix" if args.mix else "replay" if args.replay_key else "open", "target_rate": args.rate, "flows": n,
            "completed": rec.done, "errors": rec.errors, "flows_per_s": round(rec.done / elapsed, 1)}
     out.update(percentiles(rec.lat))
     return out
@@ -229,7 +241,9 @@ def main():
     p.add_argument("--mix", action="store_true")
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--max-conns", type=int, default=512)
+    p.add_argument("--replay-key", help="open model of replays: every request under this Idempotency-Key")
     args = p.parse_args()
+    REPLAY_KEY[0] = args.replay_key
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     result = asyncio.run(run_open(args) if args.mode == "open" else run_burst(args))

@@ -98,6 +98,7 @@ static const struct config_desc config_keys[CFG__COUNT] = {
                                  OFF(db_queue_timeout_ms), false, false},
     [CFG_DB_STATEMENT_TIMEOUT_MS] = {"DB_STATEMENT_TIMEOUT_MS", T_DURATION, "5000", 100, 3600000, 1,
                                      OFF(db_statement_timeout_ms), false, false},
+    [CFG_DB_BATCH_MAX] = {"DB_BATCH_MAX", T_INT, "64", 1, 256, 0, OFF(db_batch_max), false, false},
     [CFG_EVENTS_URL] = {"EVENTS_URL", T_STRING, NULL, 6, 300, 0, OFF(events_url), false, false},
     [CFG_OUTBOX_POLL_MS] = {"OUTBOX_POLL_MS", T_DURATION, "1000", 10, 600000, 1,
                             OFF(outbox_poll_ms), false, false},

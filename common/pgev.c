@@ -98,6 +98,7 @@ struct pgev_pool {
     struct event *sweep; /* fails queries that waited too long */
     bool closing;
     int64_t queue_timeout_ms;
+    int batch_max; /* DB_BATCH_MAX: runs sharing one transaction at most */
     int64_t guard_ms;                          /* a query's result must be in by then */
     int64_t connect_guard_ms;                  /* a connection must be up by then */
     const char *statements[PGEV_MAX_PREPARED]; /* static SQL, by statement index */
@@ -269,7 +270,9 @@ pgev_batch_gather(struct pgev_pool *pool, struct pgev_query *q)
 {
     const struct pgev_batch *kind = q->batch;
     struct pgev_query *members[256];
-    int n = 0, max = kind->max < 256 ? kind->max : 256;
+    int n = 0, max = kind->max < pool->batch_max ? kind->max : pool->batch_max;
+    if (max > 256)
+        max = 256;
     members[n++] = q;
     for (struct pgev_query *o = TAILQ_FIRST(&pool->queue), *next; o && n < max; o = next) {
         next = TAILQ_NEXT(o, link);
@@ -703,6 +706,7 @@ pgev_pool_new(struct event_base *base, const struct config *cfg, int size)
     pool->base = base;
     pool->size = size;
     pool->queue_timeout_ms = cfg->db_queue_timeout_ms;
+    pool->batch_max = cfg->db_batch_max > 0 ? cfg->db_batch_max : 1;
     pool->guard_ms = cfg->db_statement_timeout_ms + PGEV_GUARD_SLACK_MS;
     pgev_pool_conninfo(pool, cfg);
     TAILQ_INIT(&pool->queue);

@@ -19,7 +19,8 @@
  *     message being the event type, a NUL byte, then a msgpack envelope of
  *     type "event" whose body carries the event JSON, so subscribers filter
  *     by type with NNG's prefix subscriptions;
- *   - only then does it mark the rows sent; a failed publish is retried
+ *   - only then does it mark the rows sent, in the statement that claims
+ *     the next batch (one commit per cycle); a failed publish is retried
  *     after an exponential back-off with full jitter;
  *   - a subscriber that was away asks for what it missed: on the role's
  *     REP socket (ipc://RUN_DIR/outbox.N.ipc) an events.replay request with
@@ -58,7 +59,7 @@ struct outbox {
     struct pgev_pool *pg; /* claims and marks */
     nng_socket wake;      /* PULL: writers' wake-ups after a commit */
     nng_socket pub;
-    bool busy;  /* a claim or mark is in flight */
+    bool busy;  /* a cycle (mark and claim) is in flight */
     bool open;  /* the start delay has passed */
     bool again; /* woken while busy: look again when done */
     struct event *poll;
@@ -94,21 +95,41 @@ outbox_db_ok(struct outbox *o)
     }
 }
 
-static void
-outbox_on_marked(void *arg, PGresult *res, const char *err)
-{
-    struct outbox *o = arg;
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK)
-        outbox_db_error(o, "marking events failed; they will be published again",
-                        err ? err : PQresultErrorMessage(res));
-    else if (strcmp(PQgetvalue(res, 0, 2), "0") != 0)
-        deliver_kick(o->deliver); /* new webhook deliveries */
-    o->busy = false;
-    if (o->again) {
-        o->again = false;
-        outbox_kick(o);
-    }
-}
+/* One statement per cycle: it marks the events the last cycle published
+ * ($1; $2 failed: retried after an exponential back-off with full jitter),
+ * adds their webhook deliveries, and claims the next batch ($3 rows, leased
+ * for $4 ms). A claimed event waits for every earlier unsent event of its
+ * payment, except those being marked sent by this very statement (its
+ * snapshot still shows them unsent). Data-modifying CTEs run whether or
+ * not the query reads them. Every row carries the number of deliveries
+ * added; a single row without an id means nothing was claimed. */
+static const char outbox_cycle_sql[] =
+    "WITH s AS (UPDATE outbox SET sent_at = now(), last_error = NULL"
+    "  WHERE id = ANY($1::bigint[]) RETURNING 1),"
+    " f AS (UPDATE outbox SET last_error = 'publish failed',"
+    "  available_at = now() + make_interval(secs => random() *"
+    "   least(3600, 2 ^ least(attempts, 12)))"
+    "  WHERE id = ANY($2::bigint[]) RETURNING 1),"
+    " d AS (INSERT INTO webhook_deliveries (endpoint_id, outbox_id, aggregate_id)"
+    "  SELECT w.id, o.id, o.aggregate_id FROM outbox o JOIN webhook_endpoints w"
+    "   ON w.account_id = o.account_id AND w.status = 'enabled' AND NOT w.deleted"
+    "  WHERE o.id = ANY($1::bigint[]) AND o.aggregate_type <> 'order'"
+    "  AND (o.type = ANY(w.enabled_events) OR '*' = ANY(w.enabled_events))"
+    "  ON CONFLICT DO NOTHING RETURNING 1),"
+    " batch AS (SELECT p.id FROM outbox p"
+    "  WHERE p.sent_at IS NULL AND p.available_at <= now()"
+    "  AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.aggregate_id = p.aggregate_id"
+    "   AND e.sent_at IS NULL AND e.id < p.id AND e.id <> ALL($1::bigint[]))"
+    "  ORDER BY p.id LIMIT $3 FOR UPDATE OF p SKIP LOCKED),"
+    " claimed AS (UPDATE outbox o SET attempts = o.attempts + 1,"
+    "  available_at = now() + $4::bigint * interval '1 millisecond'"
+    "  FROM batch WHERE o.id = batch.id"
+    "  RETURNING o.id, o.event_id, o.type, o.aggregate_id, o.payload::text)"
+    " SELECT c.id, c.event_id, c.type, c.aggregate_id, c.payload, n.deliveries"
+    " FROM (SELECT (SELECT count(*) FROM d) AS deliveries) n"
+    " LEFT JOIN claimed c ON true ORDER BY c.id";
+
+static void outbox_cycle(struct outbox *o, const char *sent, const char *failed);
 
 /* Publishes one claimed row; 0 when the PUB socket took it. */
 static int
@@ -141,17 +162,22 @@ outbox_publish(struct outbox *o, PGresult *res, int row)
 }
 
 static void
-outbox_on_claimed(void *arg, PGresult *res, const char *err)
+outbox_on_cycle(void *arg, PGresult *res, const char *err)
 {
     struct outbox *o = arg;
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        outbox_db_error(o, "claiming events failed", err ? err : PQresultErrorMessage(res));
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) < 1) {
+        /* What the last cycle published stays leased: it is claimed and
+         * published again when the lease ends (same event ids). */
+        outbox_db_error(o, "claiming or marking events failed",
+                        err ? err : res ? PQresultErrorMessage(res) : "no result");
         o->busy = false;
         return;
     }
     outbox_db_ok(o);
+    if (strcmp(PQgetvalue(res, 0, 5), "0") != 0)
+        deliver_kick(o->deliver); /* new webhook deliveries */
     int rows = PQntuples(res);
-    if (rows == 0) {
+    if (PQgetisnull(res, 0, 0)) {
         o->busy = false;
         if (o->again) {
             o->again = false;
@@ -181,28 +207,19 @@ outbox_on_claimed(void *arg, PGresult *res, const char *err)
                               memory_order_relaxed);
     atomic_fetch_add_explicit(&m->counters[MC_EVENTS_PUBLISH_FAILED_NNG], (uint64_t)nfailed,
                               memory_order_relaxed);
-    const char *params[2] = {(const char *)evbuffer_pullup(sent, -1),
-                             (const char *)evbuffer_pullup(failed, -1)};
-    /* Every batch may hide more work behind it. */
-    o->again = true;
-    pgev_exec(o->pg,
-              "WITH s AS (UPDATE outbox SET sent_at = now(), last_error = NULL"
-              "  WHERE id = ANY($1::bigint[]) RETURNING 1),"
-              " f AS (UPDATE outbox SET last_error = 'publish failed',"
-              "  available_at = now() + make_interval(secs => random() *"
-              "   least(3600, 2 ^ least(attempts, 12)))"
-              "  WHERE id = ANY($2::bigint[]) RETURNING 1),"
-              " d AS (INSERT INTO webhook_deliveries (endpoint_id, outbox_id, aggregate_id)"
-              "  SELECT w.id, o.id, o.aggregate_id FROM outbox o JOIN webhook_endpoints w"
-              "   ON w.account_id = o.account_id AND w.status = 'enabled' AND NOT w.deleted"
-              "  WHERE o.id = ANY($1::bigint[]) AND o.aggregate_type <> 'order'"
-              "  AND (o.type = ANY(w.enabled_events) OR '*' = ANY(w.enabled_events))"
-              "  ON CONFLICT DO NOTHING RETURNING 1)"
-              " SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM f),"
-              "  (SELECT count(*) FROM d)",
-              2, params, outbox_on_marked, o);
+    /* Marks them and claims what came meanwhile, in one commit. */
+    o->again = false;
+    outbox_cycle(o, (const char *)evbuffer_pullup(sent, -1),
+                 (const char *)evbuffer_pullup(failed, -1));
     evbuffer_free(sent);
     evbuffer_free(failed);
+}
+
+static void
+outbox_cycle(struct outbox *o, const char *sent, const char *failed)
+{
+    const char *params[4] = {sent, failed, OUTBOX_BATCH, o->lease};
+    pgev_exec(o->pg, outbox_cycle_sql, 4, params, outbox_on_cycle, o);
 }
 
 static void
@@ -215,18 +232,7 @@ outbox_kick(struct outbox *o)
         return;
     }
     o->busy = true;
-    const char *params[2] = {OUTBOX_BATCH, o->lease};
-    pgev_exec(o->pg,
-              "WITH batch AS (SELECT p.id FROM outbox p"
-              "  WHERE p.sent_at IS NULL AND p.available_at <= now()"
-              "  AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.aggregate_id = p.aggregate_id"
-              "   AND e.sent_at IS NULL AND e.id < p.id)"
-              "  ORDER BY p.id LIMIT $1 FOR UPDATE OF p SKIP LOCKED)"
-              " UPDATE outbox o SET attempts = o.attempts + 1,"
-              "  available_at = now() + $2::bigint * interval '1 millisecond'"
-              " FROM batch WHERE o.id = batch.id"
-              " RETURNING o.id, o.event_id, o.type, o.aggregate_id, o.payload::text",
-              2, params, outbox_on_claimed, o);
+    outbox_cycle(o, "{}", "{}");
 }
 
 /* A writer committed events (common/wake.c). */
