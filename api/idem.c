@@ -314,6 +314,8 @@ idem_claim_json(struct api_req *r)
     json_t *c =
         json_pack("{s:s,s:s,s:s,s:s}", "key", r->idem_key, "method", "POST", "path",
                   evhttp_uri_get_path(evhttp_request_get_evhttp_uri(r->req)), "hash", r->idem_hash);
+    if (!c)
+        abort(); /* the key was checked to be UTF-8 text (v1.c): cannot happen */
     char *text = json_dumps(c, JSON_COMPACT);
     json_decref(c);
     return text;

@@ -215,6 +215,8 @@ intents_on_wait(struct api_req *r)
 bool
 intents_can_send_job(struct api_req *r)
 {
+    if (r->job_slot)
+        return true; /* a handler run again (its claim taken over) keeps its one slot */
     if (r->api->jobs_in_flight < r->api->ctx->cfg.max_pending_jobs) {
         /* Reserved now, so that concurrent requests cannot all pass; the
          * job's answer, or the end of a request that sent none, frees it. */

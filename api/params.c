@@ -107,7 +107,7 @@ params_split_key(const char *key, char segs[PARAMS_MAX_DEPTH + 1][128], int *nse
 
 /* jansson keeps only UTF-8 text: anything else would be dropped (a value)
  * or refused (a key, freeing what was to be stored under it). */
-static bool
+bool
 params_utf8(const char *s)
 {
     json_t *probe = json_string(s);

@@ -52,4 +52,7 @@ bool params_find_card(const json_t *params, struct params_error *err);
 /* Canonical text of the parameters (sorted keys), for idempotency hashes. */
 char *params_canonical(const json_t *params);
 
+/* Whether s is valid UTF-8 (what jansson, and so every JSON column, keeps). */
+bool params_utf8(const char *s);
+
 #endif

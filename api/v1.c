@@ -173,6 +173,18 @@ v1_db_error(struct api_req *r, const char *err)
 
 static json_t *v1_parse_params(struct api_req *r, struct params_error *err);
 
+/* An Idempotency-Key is stored and compared as text: valid UTF-8 without
+ * control characters, or it could not be kept (and so not honoured). */
+static bool
+v1_printable_utf8(const char *s)
+{
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p < 0x20 || *p == 0x7f)
+            return false;
+    }
+    return params_utf8(s);
+}
+
 void
 v1_too_many(struct api_req *r, int retry_after_s)
 {
@@ -248,9 +260,9 @@ v1_on_auth(struct api_req *r, int64_t account_id)
     const char *idem =
         evhttp_find_header(evhttp_request_get_input_headers(r->req), "Idempotency-Key");
     if (!r->params_failed && idem && r->method == EVHTTP_REQ_POST) {
-        if (strlen(idem) == 0 || strlen(idem) > 255) {
+        if (strlen(idem) == 0 || strlen(idem) > 255 || !v1_printable_utf8(idem)) {
             params_fail(&r->params_error, 400, "idempotency_key_invalid", NULL,
-                        "Idempotency-Key must be 1 to 255 characters.");
+                        "Idempotency-Key must be 1 to 255 bytes of printable UTF-8.");
             r->params_failed = true;
         } else {
             snprintf(r->idem_key, sizeof(r->idem_key), "%s", idem);

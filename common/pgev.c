@@ -66,6 +66,7 @@ struct pgev_query {
     const struct pgev_batch *batch; /* it may share a transaction with others */
     struct pgev_query **members;    /* a batch: the callers' runs it carries */
     int nmembers;
+    struct pgev_pool *pool; /* a batch: where a member to run again goes */
 };
 TAILQ_HEAD(pgev_qlist, pgev_query);
 
@@ -252,6 +253,20 @@ pgev_batch_complete(struct pgev_query *b, PGresult *res, const char *err)
                 mine = PQgetvalue(res, r, 1);
         }
         if (mine) {
+            char state[6];
+            const char *st = ok ? pgev_sqlstate(NULL, mine, state) : NULL;
+            if (st && !q->forgotten &&
+                (!strcmp(st, "40P01") || !strcmp(st, "40001") || !strcmp(st, "55P03"))) {
+                /* A deadlock with another batch, or a lock it would not
+                 * wait for (lock_timeout): its savepoint was rolled back;
+                 * it runs again, alone, first in line. */
+                log_debug("postgres: a batched run is run again alone: %s", mine);
+                q->batch = NULL;
+                q->queued_ms = shm_mono_ms();
+                TAILQ_INSERT_HEAD(&b->pool->queue, q, link);
+                b->pool->queued++;
+                continue;
+            }
             if (ok) /* the batch's error column: the caller's own failure */
                 log_debug("postgres: a batched run failed: %s", mine);
             pgev_complete(q, NULL, mine);
@@ -261,6 +276,24 @@ pgev_batch_complete(struct pgev_query *b, PGresult *res, const char *err)
         pgev_complete(q, m, NULL);
         PQclear(m);
     }
+}
+
+/* A run's parameters as a JSON array, or NULL when one of them is not
+ * UTF-8 text (jansson keeps only that): such a run goes alone, its
+ * parameters as they are, rather than shifted by a dropped element. */
+static json_t *
+pgev_batch_params(const struct pgev_query *q)
+{
+    json_t *one = json_array();
+    for (int p = 0; p < q->nparams; p++) {
+        const char *v = q->params[p];
+        json_t *e = v ? json_string(v) : json_null();
+        if (!e || json_array_append_new(one, e) != 0) {
+            json_decref(one);
+            return NULL;
+        }
+    }
+    return one;
 }
 
 /* Takes the queued runs of q's statement (q first) into one batch query,
@@ -273,25 +306,25 @@ pgev_batch_gather(struct pgev_pool *pool, struct pgev_query *q)
     int n = 0, max = kind->max < pool->batch_max ? kind->max : pool->batch_max;
     if (max > 256)
         max = 256;
+    json_t *all = json_array(), *one;
+    if (!(one = pgev_batch_params(q))) {
+        json_decref(all);
+        return q; /* its parameters are no JSON text: it runs alone */
+    }
+    json_array_append_new(all, one);
     members[n++] = q;
     for (struct pgev_query *o = TAILQ_FIRST(&pool->queue), *next; o && n < max; o = next) {
         next = TAILQ_NEXT(o, link);
-        if (o->batch != kind || o->forgotten)
+        if (o->batch != kind || o->forgotten || !(one = pgev_batch_params(o)))
             continue;
+        json_array_append_new(all, one);
         TAILQ_REMOVE(&pool->queue, o, link);
         pool->queued--;
         members[n++] = o;
     }
-    if (n == 1)
+    if (n == 1) {
+        json_decref(all);
         return q;
-    json_t *all = json_array();
-    for (int i = 0; i < n; i++) {
-        json_t *one = json_array();
-        for (int p = 0; p < members[i]->nparams; p++) {
-            const char *v = members[i]->params[p];
-            json_array_append_new(one, v ? json_string(v) : json_null());
-        }
-        json_array_append_new(all, one);
     }
     char *text = json_dumps(all, JSON_COMPACT);
     json_decref(all);
@@ -303,6 +336,7 @@ pgev_batch_gather(struct pgev_pool *pool, struct pgev_query *q)
     b->params = xcalloc(1, sizeof(char *));
     b->params[0] = text;
     b->queued_ms = q->queued_ms;
+    b->pool = pool;
     b->members = xcalloc((size_t)n, sizeof(*b->members));
     memcpy(b->members, members, (size_t)n * sizeof(*members));
     b->nmembers = n;
@@ -806,8 +840,13 @@ pgev_forget(struct pgev_pool *pool, unsigned long id)
         }
     }
     for (int i = 0; i < pool->size; i++) {
-        if (pool->conns[i].q && pool->conns[i].q->id == id)
-            pool->conns[i].q->forgotten = true;
+        struct pgev_query *c = pool->conns[i].q;
+        if (c && c->id == id)
+            c->forgotten = true;
+        for (int m = 0; c && m < c->nmembers; m++) {
+            if (c->members[m]->id == id)
+                c->members[m]->forgotten = true;
+        }
     }
 }
 

@@ -136,3 +136,20 @@ redact(char *s)
     bool b = redact_tokens(s);
     return a || b;
 }
+
+void
+text_copy(char *dst, size_t cap, const char *src)
+{
+    if (cap == 0)
+        return;
+    size_t n = strlen(src);
+    if (n >= cap) {
+        n = cap - 1;
+        /* src[n] is the first byte left out: when it continues a
+         * character, that character's first bytes go too. */
+        while (n > 0 && ((unsigned char)src[n] & 0xc0) == 0x80)
+            n--;
+    }
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+}

@@ -15,4 +15,9 @@ bool redact(char *s);
  * masks them; s need not be NUL-terminated. */
 bool redact_has_card(const char *s, size_t len);
 
+/* Copies src into dst (cap bytes, NUL included) without cutting a UTF-8
+ * character in two: text from a gateway ends up in PostgreSQL, which
+ * refuses a broken sequence, so an outcome could never be recorded. */
+void text_copy(char *dst, size_t cap, const char *src);
+
 #endif

@@ -258,6 +258,12 @@ CREATE FUNCTION idempotency_hold(p_row bigint, p_holder text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     IF p_row IS NULL THEN
+        -- A holder without its key's row would run unguarded: a retry
+        -- under the same key could do it again.
+        IF p_holder IS NOT NULL THEN
+            RAISE EXCEPTION 'request % holds an Idempotency-Key but no claim', p_holder
+                USING ERRCODE = 'PD012';
+        END IF;
         RETURN;
     END IF;
     PERFORM 1 FROM idempotency_keys

@@ -18,6 +18,10 @@ DECLARE
     r record;
     j attempt_jobs;
 BEGIN
+    -- A run waiting on a lock would hold every other run's commit: after
+    -- a second it fails (55P03) and pgev runs it again alone, without this
+    -- limit. A deadlock between two batches (40P01) goes the same way.
+    PERFORM set_config('lock_timeout', '1000', true);
     FOR e IN SELECT value FROM jsonb_array_elements(p_runs) LOOP
         i := i + 1;
         BEGIN
@@ -54,6 +58,10 @@ DECLARE
     r record;
     j attempt_jobs;
 BEGIN
+    -- A run waiting on a lock would hold every other run's commit: after
+    -- a second it fails (55P03) and pgev runs it again alone, without this
+    -- limit. A deadlock between two batches (40P01) goes the same way.
+    PERFORM set_config('lock_timeout', '1000', true);
     FOR e IN SELECT value FROM jsonb_array_elements(p_runs) LOOP
         i := i + 1;
         BEGIN

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "gateway.h"
+#include "redact.h"
 #include "xmalloc.h"
 
 struct sim {
@@ -44,7 +45,7 @@ static void
 sim_copy(char *dst, size_t cap, json_t *obj, const char *key)
 {
     const char *v = json_string_value(json_object_get(obj, key));
-    snprintf(dst, cap, "%s", v ? v : "");
+    text_copy(dst, cap, v ? v : "");
 }
 
 static void
@@ -55,7 +56,7 @@ sim_on_response(void *arg, const struct curlev_response *resp)
 
     if (resp->rc != CURLE_OK) {
         res.outcome = resp->sent ? GW_AMBIGUOUS : GW_NOT_PROCESSED;
-        snprintf(res.message, sizeof(res.message), "%s", resp->error ? resp->error : "error");
+        text_copy(res.message, sizeof(res.message), resp->error ? resp->error : "error");
         goto out;
     }
     json_t *body = json_loadb(resp->body, resp->len, 0, NULL);

@@ -289,6 +289,29 @@ test_jwt(void **state)
     assert_int_equal(authz_jwt_verify("...", &p, now, account, sizeof(account), &why), -1);
 }
 
+/* Gateway text is cut to fit without splitting a UTF-8 character. */
+static void
+test_text_copy(void **state)
+{
+    (void)state;
+    char out[6];
+    text_copy(out, sizeof(out), "abc");
+    assert_string_equal(out, "abc");
+    text_copy(out, sizeof(out), "abcdefgh");
+    assert_string_equal(out, "abcde");
+    /* "abcd" + e-acute (2 bytes): the cut falls inside it, so it goes. */
+    text_copy(out, sizeof(out), "abcd\xc3\xa9x");
+    assert_string_equal(out, "abcd");
+    /* "abc" + e-acute fits exactly. */
+    text_copy(out, sizeof(out), "abc\xc3\xa9x");
+    assert_string_equal(out, "abc\xc3\xa9");
+    /* A 4-byte character cut after its second byte. */
+    text_copy(out, sizeof(out), "abc\xf0\x9f\x92\xb3");
+    assert_string_equal(out, "abc");
+    text_copy(out, 1, "abc");
+    assert_string_equal(out, "");
+}
+
 int
 main(void)
 {
@@ -296,6 +319,7 @@ main(void)
         cmocka_unit_test(test_redact_cards_and_secrets),
         cmocka_unit_test(test_card_numbers_refused),
         cmocka_unit_test(test_signature),
+        cmocka_unit_test(test_text_copy),
         cmocka_unit_test(test_authorization_header),
         cmocka_unit_test(test_jwt),
     };
