@@ -51,7 +51,7 @@
 #include "wake.h"
 #include "xmalloc.h"
 
-#define OUTBOX_BATCH     "200"
+#define OUTBOX_BATCH     "1000"
 #define OUTBOX_PUB_QUEUE 8192 /* messages per subscriber; NNG's maximum */
 
 struct outbox {

@@ -367,6 +367,21 @@ class IdempotencyTest(unittest.TestCase):
         pd, acct_id, c = self.start(self.redis_port)
         self.check(c, acct_id, "key-redis", self.burst(c, "key-redis"))
 
+    def test_keys_that_are_not_utf8_text_are_refused(self):
+        """A key that could not be stored could not be honoured: 400, nothing made."""
+        pd, acct_id, c = self.start(self.redis_port)
+        for key in ("caf\xe9-latin1", "tab\there", "bell\x07"):
+            for _ in range(2):
+                code, text, _ = c.call("POST", "/v1/payment_intents",
+                                       {"amount": 4242, "currency": "usd", "payment_method": "pm_card_visa",
+                                        "confirm": "true"}, idem=key)
+                self.assertEqual(code, 400, text)
+                self.assertEqual(json.loads(text)["error"]["code"], "idempotency_key_invalid")
+        self.assertEqual(sql("SELECT count(*) FROM payment_intents WHERE account_id = %s" % acct_id), [["0"]])
+        code, text, _ = c.call("POST", "/v1/payment_intents", {"amount": 4242, "currency": "usd"},
+                               idem="caf\u00e9-utf8".encode().decode("latin-1"))
+        self.assertEqual(code, 200, text)
+
     def test_with_redis_stopped(self):
         pd, acct_id, c = self.start(free_port())  # nothing listens there
         code, body = pd.json("/readyz")
