@@ -2,9 +2,11 @@
 -- writes each of a table's indexes. Checked with EXPLAIN against a table
 -- of 100,000 rows; what served the queries below is kept:
 --   outbox claim (outbox/outbox.c): outbox_unsent for the oldest unsent
---     events, outbox_aggregate for "no earlier unsent event of the same
---     payment" (a payment has a handful of events; sent_at is read from the
---     row), so outbox_pending (available_at, id) and outbox_pending_aggregate
+--     events and outbox_pending_aggregate for "no earlier unsent event of
+--     the same payment", probed once per candidate; without it the planner
+--     hashes every unsent row on each claim, a cost that grows with the
+--     backlog (and so makes it grow: a dispatcher 60 s behind after a
+--     minute at saturation, in bench). outbox_pending (available_at, id)
 --     served nothing;
 --   payment_intents.gateway_intent_id is no longer written or read: its
 --     unique index held one NULL entry per payment;
@@ -13,7 +15,6 @@
 --     names one provider's charge; the provider is checked on the row), and
 --     nothing reads processed_at or reconciled.
 DROP INDEX IF EXISTS outbox_pending;
-DROP INDEX IF EXISTS outbox_pending_aggregate;
 ALTER TABLE payment_intents DROP CONSTRAINT IF EXISTS payment_intents_gateway_intent_id_key;
 DROP INDEX IF EXISTS payment_transactions_gateway;
 DROP INDEX IF EXISTS payment_transactions_unreconciled;

@@ -7,7 +7,6 @@ ALTER TABLE payment_intents ADD CONSTRAINT payment_intents_gateway_intent_id_key
     UNIQUE (gateway_intent_id);
 ALTER TABLE payment_intents SET (fillfactor = 100);
 CREATE INDEX outbox_pending ON outbox (available_at, id) WHERE sent_at IS NULL;
-CREATE INDEX outbox_pending_aggregate ON outbox (aggregate_id, id) WHERE sent_at IS NULL;
 CREATE INDEX payment_transactions_gateway
     ON payment_transactions (gateway_provider, gateway_transaction_id);
 CREATE INDEX payment_transactions_unreconciled ON payment_transactions (processed_at)
