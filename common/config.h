@@ -126,7 +126,7 @@ struct config {
     int worker_concurrency;
     int64_t db_queue_timeout_ms;
     int64_t db_statement_timeout_ms; /* PostgreSQL statement_timeout of the pools */
-    int db_batch_max; /* runs of one statement sharing a transaction; 1: none */
+    int db_batch_max;                /* runs of one statement sharing a transaction; 1: none */
     const char *events_url;          /* NULL: ipc://RUN_DIR/events.ipc */
     int64_t outbox_poll_ms;
     int64_t outbox_lease_ms;

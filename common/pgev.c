@@ -99,9 +99,9 @@ struct pgev_pool {
     struct event *sweep; /* fails queries that waited too long */
     bool closing;
     int64_t queue_timeout_ms;
-    int batch_max; /* DB_BATCH_MAX: runs sharing one transaction at most */
-    int64_t guard_ms;                          /* a query's result must be in by then */
-    int64_t connect_guard_ms;                  /* a connection must be up by then */
+    int batch_max;            /* DB_BATCH_MAX: runs sharing one transaction at most */
+    int64_t guard_ms;         /* a query's result must be in by then */
+    int64_t connect_guard_ms; /* a connection must be up by then */
     const char *statements[PGEV_MAX_PREPARED]; /* static SQL, by statement index */
     int nstatements;
     const char *init_sql; /* run first on every new connection (LISTEN ...) */

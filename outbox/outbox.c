@@ -169,7 +169,9 @@ outbox_on_cycle(void *arg, PGresult *res, const char *err)
         /* What the last cycle published stays leased: it is claimed and
          * published again when the lease ends (same event ids). */
         outbox_db_error(o, "claiming or marking events failed",
-                        err ? err : res ? PQresultErrorMessage(res) : "no result");
+                        err   ? err
+                        : res ? PQresultErrorMessage(res)
+                              : "no result");
         o->busy = false;
         return;
     }
